@@ -30,14 +30,21 @@ def _want_cuda_extension():
 
 
 def _extensions():
+    """The gessl_ext._C CUDA extension (csrc/*.cpp, csrc/*.cu), or nothing when it is not wanted.
+
+    Set TORCH_CUDA_ARCH_LIST (e.g. "9.0") for a forced build on a machine without a GPU; otherwise
+    torch compiles for every architecture it knows, which is slow.
+    """
     if not _want_cuda_extension():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     sources = sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith((".cpp", ".cu")))
+    headers = sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith((".h", ".cuh")))
     ext = CUDAExtension(
         "gessl_ext._C",
         sources,
+        depends=headers,
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -11,6 +11,7 @@ L = mean_l L_l; dL/dθ is written to ``.grad`` so the user's optimizer applies E
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -120,7 +121,9 @@ class GeSSLStep(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            process_group = process_group if process_group is not None else model.process_group
+            model = model.module
         _check_int("inner_steps", inner_steps, 1)
         _check_int("target_steps", target_steps, 0)
         _check_int("implicit_iters", implicit_iters, 1)
@@ -200,9 +203,9 @@ class GeSSLStep(nn.Module):
 
     # -- internals --
 
-    def _task(self, theta: Tensor, views: Tensor, stats):
+    def _task(self, theta: Tensor, views: Tensor, stats, consts, plain_batchnorm):
         """Algorithm 1 for one task: views [2, N, ...] → (dL_l/dθ [P], (L_l, ℓ_l(θ), stats))."""
-        problem = TaskProblem(self.task_model, views[0], views[1], self.config.inner_lr, self._consts)
+        problem = TaskProblem(self.task_model, views[0], views[1], self.config.inner_lr, consts, plain_batchnorm)
         trajectory, ssl_loss = inner_loop(problem, theta, self.config.inner_steps, stats or None)
         target = self_motivated_target(problem, trajectory[-1], self.target_steps)
         loss, outer_grad = outer_loss_and_grad(problem, trajectory[-1], target, self.head, self.use_kernels)
@@ -213,20 +216,18 @@ class GeSSLStep(nn.Module):
         self._check_views(views)
         self.ssl_loss.before_step(self.model)
         theta = self.task_model.flat_parameters()
-        self._consts = self.task_model.constants()
+        batching = self.task_batching_used
+        # itd differentiates twice in reverse mode, which torch's BatchNorm cannot do under vmap
+        plain_batchnorm = batching == "vmap" and self.hypergrad == "itd"
+        task_fn = functools.partial(self._task, consts=self.task_model.constants(), plain_batchnorm=plain_batchnorm)
         stats = per_task_copies(self.task_model.running_stats(), views.shape[0])
-        try:
-            total, (kl, ssl_loss, stats) = run_tasks(
-                self._task, theta, views, stats, self.task_batching_used, self.task_chunk_size
-            )
-        finally:
-            del self._consts
-        num_tasks = views.shape[0]
+        total, (kl, ssl_loss, stats) = run_tasks(task_fn, theta, views, stats, batching, self.task_chunk_size)
         if self.process_group is not None:
-            from .distributed import all_reduce_step
+            from .distributed import gather_views, reduce_across_ranks
 
-            total, kl, ssl_loss, num_tasks = all_reduce_step(total, kl, ssl_loss, self.process_group)
-        hypergrad = total / num_tasks
+            total, kl, ssl_loss, stats = reduce_across_ranks(total, kl, ssl_loss, stats, self.process_group)
+            views = gather_views(views, self.process_group)
+        hypergrad = total / kl.shape[0]
         loss = kl.mean()
         finite = bool(torch.isfinite(loss) & torch.isfinite(hypergrad).all())
         out = StepOutput(loss.detach(), ssl_loss.mean().detach(), kl.detach(),

@@ -14,11 +14,13 @@ them (:func:`fold_running_stats`). A model in ``eval()`` mode uses and keeps its
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, grad_and_value, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
 Tensor = torch.Tensor
 
@@ -78,6 +80,41 @@ def _running_stats(batchnorms, enabled: bool):
             m.track_running_stats = s
 
 
+def _plain_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
+    """Training-mode BatchNorm from elementary ops (batch statistics, optional running-stat update).
+
+    Used for reverse-over-reverse differentiation under vmap (``itd``), where torch's fused
+    BatchNorm double backward has no batching rule.
+    """
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean, var = x.mean(dims), x.var(dims, unbiased=False)
+    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    if bn.track_running_stats:
+        count = x.numel() // x.shape[1]
+        bn.num_batches_tracked.add_(1)
+        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        with torch.no_grad():
+            bn.running_mean.mul_(1 - factor).add_(factor * mean.detach())
+            bn.running_var.mul_(1 - factor).add_(factor * var.detach() * count / max(count - 1, 1))
+    return y
+
+
+@contextlib.contextmanager
+def _plain_batchnorms(batchnorms, enabled: bool):
+    """Temporarily run the given BatchNorm layers with :func:`_plain_batch_norm` (train mode only)."""
+    swapped = [m for m in batchnorms if enabled and m.training]
+    for m in swapped:
+        m.forward = functools.partial(_plain_batch_norm, m)
+    try:
+        yield
+    finally:
+        for m in swapped:
+            del m.forward
+
+
 class TaskModel:
     """The model + SSL objective as pure functions of flat trainable parameters θ [P].
 
@@ -115,14 +152,17 @@ class TaskModel:
         buffers = dict(self.joint.named_buffers())
         return {n: buffers[n] for n in self.stat_names}
 
-    def call(self, theta: Tensor, x1: Tensor, x2: Tensor, what: str, consts, stats=None):
-        """Run the joint module at θ [P] on one task; ``stats`` (BatchNorm buffer copies) are updated in place."""
+    def call(self, theta: Tensor, x1: Tensor, x2: Tensor, what: str, consts, stats=None, plain_batchnorm=False):
+        """Run the joint module at θ [P] on one task; ``stats`` (BatchNorm buffer copies) are updated in place.
+
+        ``plain_batchnorm`` computes BatchNorm from elementary ops (see :func:`_plain_batch_norm`).
+        """
         state = {**consts, **self.spec.unflatten(theta), **(stats or {})}
         autocast = torch.autocast(x1.device.type, dtype=self.autocast_dtype or torch.float32,
                                   enabled=self.autocast_dtype is not None)
         with _running_stats(self._all_bn, False), _running_stats(
             list(self.bn_modules.values()) if stats else [], True
-        ), autocast:
+        ), _plain_batchnorms(self._all_bn, plain_batchnorm), autocast:
             out = functional_call(self.joint, state, (x1, x2), {"what": what}, strict=False)
         if what == "loss":
             return out.to(theta.dtype)
@@ -135,12 +175,13 @@ class TaskProblem:
     This is the protocol the hypergradient strategies use: ``grad``, ``hvp``, ``inner_lr``.
     """
 
-    def __init__(self, task_model: TaskModel, x1: Tensor, x2: Tensor, inner_lr: float, consts, exact_hvp="reverse"):
+    def __init__(self, task_model: TaskModel, x1: Tensor, x2: Tensor, inner_lr: float, consts,
+                 plain_batchnorm: bool = False):
         self.task_model, self.x1, self.x2, self.inner_lr, self.consts = task_model, x1, x2, inner_lr, consts
-        self.exact_hvp = exact_hvp
+        self.plain_batchnorm = plain_batchnorm
 
     def loss(self, theta: Tensor, stats=None) -> Tensor:
-        return self.task_model.call(theta, self.x1, self.x2, "loss", self.consts, stats)
+        return self.task_model.call(theta, self.x1, self.x2, "loss", self.consts, stats, self.plain_batchnorm)
 
     def grad(self, theta: Tensor) -> Tensor:
         """∇ℓ(θ) [P]."""
@@ -151,13 +192,17 @@ class TaskProblem:
         return grad_and_value(self.loss)(theta, stats)
 
     def hvp(self, theta: Tensor, v: Tensor) -> Tensor:
-        """Exact Hessian-vector product ∇²ℓ(θ) v [P] (double backward)."""
-        _, pullback = vjp(self.grad, theta)
-        return pullback(v)[0]
+        """Exact Hessian-vector product ∇²ℓ(θ) v [P], forward-over-reverse (jvp of the gradient).
+
+        Forward-over-reverse also works under vmap for BatchNorm, whose double backward does not.
+        Attention runs on its composite (math) kernel here: the fused ones have no forward-mode rule.
+        """
+        with sdpa_kernel(SDPBackend.MATH):
+            return jvp(self.grad, (theta,), (v,))[1]
 
     def embed(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         """Embeddings of both views at θ: ([N, d], [N, d])."""
-        return self.task_model.call(theta, self.x1, self.x2, "embed", self.consts)
+        return self.task_model.call(theta, self.x1, self.x2, "embed", self.consts, None, self.plain_batchnorm)
 
 
 def run_tasks(task_fn: Callable, theta: Tensor, views: Tensor, stats: dict[str, Tensor], batching: str,
@@ -169,15 +214,18 @@ def run_tasks(task_fn: Callable, theta: Tensor, views: Tensor, stats: dict[str, 
     """
     num_tasks = views.shape[0]
     chunk = 1 if batching == "loop" else (chunk_size or num_tasks)
-    batched_fn = vmap(task_fn, in_dims=(None, 0, 0), randomness="error")
+    # A BatchNorm counter is read with float() when momentum is None, which vmap cannot batch; every
+    # task's counter holds the same value, so the vmapped tasks share one unbatched copy.
+    stat_dims = {n: None if n.endswith("num_batches_tracked") else 0 for n in stats}
+    batched_fn = vmap(task_fn, in_dims=(None, 0, stat_dims), randomness="error")
     total, auxes = None, []
     for start in range(0, num_tasks, chunk):
         part = slice(start, start + chunk)
-        stats_part = {n: s[part] for n, s in stats.items()}
         if batching == "loop":
-            hypergrad, aux = task_fn(theta, views[start], {n: s[0] for n, s in stats_part.items()})
+            hypergrad, aux = task_fn(theta, views[start], {n: s[start] for n, s in stats.items()})
             aux = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), aux)
         else:
+            stats_part = {n: s[part] if stat_dims[n] == 0 else s[start].clone() for n, s in stats.items()}
             hypergrad, aux = batched_fn(theta, views[part], stats_part)
             hypergrad = hypergrad.sum(0)
         total = hypergrad if total is None else total + hypergrad
@@ -199,6 +247,8 @@ def fold_running_stats(task_model: TaskModel, per_task: dict[str, Tensor]) -> No
     r0 → (1-f₁) r0 + f₁ s_l with the layer's factor f₁; s_l (the task's batch statistic) is recovered
     and the updates are replayed in sequence with the factors the layer would have used.
     """
+    if not per_task:
+        return
     buffers = dict(task_model.joint.named_buffers())
     for name, bn in task_model.bn_modules.items():
         count = buffers[f"{name}.num_batches_tracked"]

@@ -1,0 +1,54 @@
+"""gessl_ext custom operators: fused head KL (Triton), FD-HVP helpers and batched inner SGD (C++/CUDA).
+
+Each op is a ``torch.library`` custom op with a PyTorch implementation for every device, a fast
+CUDA implementation where one is available, a fake (meta) implementation, autograd where the op is
+differentiated, and a vmap rule. ``kernels_info()`` says which backend serves CUDA tensors here.
+"""
+import torch
+
+from ._backends import EXTENSION, EXTENSION_ERROR, triton_kernel
+from .fd_hvp import fd_perturb, fd_perturb_reference, fd_update, fd_update_reference
+from .softmax_kl import (
+    pair_log_probs,
+    pair_logits,
+    softmax_kl,
+    softmax_kl_from_embeddings,
+    softmax_kl_from_embeddings_reference,
+    softmax_kl_reference,
+)
+from .task_sgd import task_sgd, task_sgd_reference
+
+__all__ = [
+    "fd_perturb", "fd_perturb_reference", "fd_update", "fd_update_reference", "kernels_info", "kernels_summary",
+    "pair_log_probs", "pair_logits", "softmax_kl", "softmax_kl_from_embeddings",
+    "softmax_kl_from_embeddings_reference", "softmax_kl_reference", "task_sgd", "task_sgd_reference",
+]
+
+_EXTENSION_OPS = ("fd_perturb", "fd_update", "task_sgd")
+
+
+def _backends():
+    """{op: (backend, reason it is not the fast one or "")} for CUDA tensors in this process."""
+    if not torch.cuda.is_available():
+        return {op: ("torch", "no CUDA device") for op in ("softmax_kl",) + _EXTENSION_OPS}
+    kernel, triton_error = triton_kernel("softmax_kl")
+    info = {"softmax_kl": ("triton", "") if kernel is not None else ("torch", triton_error)}
+    for op in _EXTENSION_OPS:
+        info[op] = ("cuda", "") if EXTENSION is not None else ("torch", EXTENSION_ERROR)
+    return info
+
+
+def kernels_info():
+    """{op name: backend} for CUDA tensors: "triton" / "cuda" (fast kernels) or "torch" (PyTorch reference).
+
+    CPU tensors always take the PyTorch implementation.
+    """
+    return {op: backend for op, (backend, _) in _backends().items()}
+
+
+def kernels_summary():
+    """One line: each op's backend, and why an op falls back to PyTorch."""
+    backends = _backends()
+    parts = ", ".join(f"{op}={backend}" for op, (backend, _) in backends.items())
+    reasons = sorted({reason for _, reason in backends.values() if reason})
+    return f"gessl_ext ops: {parts}" + (f" (fallback: {'; '.join(reasons)})" if reasons else "")

@@ -1,0 +1,300 @@
+"""Fused pair-classification head + KL(p_target || p_current), forward and backward, in Triton.
+
+Math (per task b; x = z1[b], y = z2[b] are [N, D] rows, r = 1 / max(||row||, norm_eps)):
+
+    S[i, k]   = (x_i . y_k) * rx_i * ry_k / tau            current logits, never stored
+    KL1_i     = sum_k p1t[i, k] * (log p1t[i, k] - (S[i, k] - lse_row(S)_i))      view-1 rows
+    KL2_k     = sum_i p2t[k, i] * (log p2t[k, i] - (S[i, k] - lse_col(S)_k))      view-2 rows
+    loss_b    = (sum_i KL1_i + sum_k KL2_k) / (2N)
+
+Direction 2 is direction 1 with (z1, t1) and (z2, t2) swapped, so one forward kernel runs twice.
+The target is either embeddings t1, t2 (target logits T recomputed tile by tile like S) or
+log-probabilities target_logp [B, 2, N, N] read tile by tile. The forward keeps, per row, the
+current log-sum-exp and a target statistic (the target log-sum-exp, or for log-probabilities the
+row mass sum_k p_t, which is 1 up to rounding) so the backward needs no N x N buffer either:
+
+    dloss/dS[i, k] = c_b * (W1_i * softmax_row(S)[i, k] - p1t[i, k] + W2_k * softmax_col(S)[i, k] - p2t[k, i])
+
+with c_b = grad_b / (2N) and W = target row mass. The backward kernel produces dx for one side
+from tiles of S; it runs a second time with the sides swapped for dy. Dots take the raw inputs
+(bf16/fp16 stay on tensor cores, fp32 uses 3xTF32) and the inverse norms scale the fp32 result.
+Through the normalisation, dx_i = rx_i/tau * sum_k G_ik ry_k y_k - q_i (sum_k G_ik S_ik) x_i with
+q_i = rx_i^2 (0 where the norm was clamped to norm_eps).
+
+Launchers take [B, N, D] tensors; every output is preallocated NaN so an unwritten element shows.
+"""
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b (acc None: a @ b) with fp32 accumulation; UPCAST feeds fp32 copies of the operands (same products)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _scaled_logits(a_tile, bT_ptrs, bT_mask, ra, rb, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """(a_tile @ b^T) * ra[:, None] * rb[None, :] in fp32; b^T loaded as a [BLOCK_D, BLOCK_N] tile."""
+    bT = tl.load(bT_ptrs, mask=bT_mask, other=0.0)
+    return _dot(a_tile, bT, None, PRECISION, UPCAST) * ra[:, None] * rb[None, :], bT
+
+
+@triton.jit
+def _softmax_kl_fwd_kernel(
+    x_ptr, y_ptr, rx_ptr, ry_ptr,                # current sides [B, N, D] and their inverse norms [B, N]
+    ta_ptr, tb_ptr, rta_ptr, rtb_ptr,            # target: embeddings (like x, y) or a logp [B, N, N] view in ta
+    ta_stride_b, ta_stride_r, ta_stride_c,       # strides of the logp view (unused for embeddings)
+    kl_ptr, lse_ptr, tstat_ptr, stat_stride_b,   # per-row outputs, [B, N] views
+    N, D, inv_tau,
+    TARGET_IS_LOGP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    d_offs = tl.arange(0, BLOCK_D)
+    d_mask = d_offs < D
+    side_offset = b * N * D
+    row_tile_offs = rows[:, None] * D + d_offs[None, :]
+    row_tile_mask = row_mask[:, None] & d_mask[None, :]
+
+    x = tl.load(x_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0)
+    rx = tl.load(rx_ptr + b * N + rows, mask=row_mask, other=0.0) * inv_tau
+    if not TARGET_IS_LOGP:
+        tx = tl.load(ta_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0)
+        rtx = tl.load(rta_ptr + b * N + rows, mask=row_mask, other=0.0) * inv_tau
+
+    m_cur = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of S
+    l_cur = tl.zeros([BLOCK_M], tl.float32)                # running sum exp(S - m_cur)
+    m_tgt = tl.zeros([BLOCK_M], tl.float32)                # running max of T (stays 0 for logp targets)
+    if not TARGET_IS_LOGP:
+        m_tgt = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_tgt = tl.zeros([BLOCK_M], tl.float32)                # running sum exp(T - m_tgt)
+    cross = tl.zeros([BLOCK_M], tl.float32)                # running sum exp(T - m_tgt) * (T - S)
+
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        valid = row_mask[:, None] & col_mask[None, :]
+        colT_offs = cols[None, :] * D + d_offs[:, None]
+        colT_mask = col_mask[None, :] & d_mask[:, None]
+        ry = tl.load(ry_ptr + b * N + cols, mask=col_mask, other=0.0)
+        s, _ = _scaled_logits(x, y_ptr + side_offset + colT_offs, colT_mask, rx, ry, PRECISION, UPCAST)
+        s = tl.where(col_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_cur, tl.max(s, 1))
+        l_cur = l_cur * tl.exp(m_cur - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m_cur = m_new
+
+        if TARGET_IS_LOGP:
+            t = tl.load(ta_ptr + b * ta_stride_b + rows[:, None] * ta_stride_r + cols[None, :] * ta_stride_c,
+                        mask=valid, other=float("-inf")).to(tl.float32)
+            w = tl.exp(t)
+            l_tgt += tl.sum(w, 1)
+            cross += tl.sum(w * tl.where(valid, t - s, 0.0), 1)
+        else:
+            rty = tl.load(rtb_ptr + b * N + cols, mask=col_mask, other=0.0)
+            t, _ = _scaled_logits(tx, tb_ptr + side_offset + colT_offs, colT_mask, rtx, rty, PRECISION, UPCAST)
+            t = tl.where(col_mask[None, :], t, float("-inf"))
+            mt_new = tl.maximum(m_tgt, tl.max(t, 1))
+            rescale = tl.exp(m_tgt - mt_new)
+            w = tl.exp(t - mt_new[:, None])
+            l_tgt = l_tgt * rescale + tl.sum(w, 1)
+            cross = cross * rescale + tl.sum(w * tl.where(valid, t - s, 0.0), 1)
+            m_tgt = mt_new
+
+    lse_cur = m_cur + tl.log(l_cur)
+    if TARGET_IS_LOGP:
+        kl = cross + l_tgt * lse_cur          # sum_k p_t (log p_t - S + lse), p_t as given
+        tstat = l_tgt                         # row mass
+    else:
+        lse_tgt = m_tgt + tl.log(l_tgt)
+        kl = cross / l_tgt - lse_tgt + lse_cur
+        tstat = lse_tgt
+    stat_offs = b * stat_stride_b + rows
+    tl.store(kl_ptr + stat_offs, kl, mask=row_mask)
+    tl.store(lse_ptr + stat_offs, lse_cur, mask=row_mask)
+    tl.store(tstat_ptr + stat_offs, tstat, mask=row_mask)
+
+
+@triton.jit
+def _softmax_kl_bwd_kernel(
+    x_ptr, y_ptr, rx_ptr, ry_ptr, qx_ptr,        # qx: rx^2, or 0 where the norm was clamped
+    ta_ptr, tb_ptr, rta_ptr, rtb_ptr,            # embeddings, or logp views (x-rows: [i, k], y-rows transposed: [i, k])
+    ta_stride_b, ta_stride_r, ta_stride_c, tb_stride_b, tb_stride_r, tb_stride_c,
+    lse_x_ptr, lse_y_ptr, ts_x_ptr, ts_y_ptr, stat_stride_b,
+    coef_ptr, dx_ptr,                            # coef [B] = grad_loss / (2N); dx [B, N, D]
+    N, D, inv_tau,
+    TARGET_IS_LOGP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT_H: tl.constexpr,
+):
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    d_offs = tl.arange(0, BLOCK_D)
+    d_mask = d_offs < D
+    side_offset = b * N * D
+    row_tile_offs = rows[:, None] * D + d_offs[None, :]
+    row_tile_mask = row_mask[:, None] & d_mask[None, :]
+
+    x = tl.load(x_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0)
+    rx = tl.load(rx_ptr + b * N + rows, mask=row_mask, other=0.0) * inv_tau
+    qx = tl.load(qx_ptr + b * N + rows, mask=row_mask, other=0.0)
+    lse_x = tl.load(lse_x_ptr + b * stat_stride_b + rows, mask=row_mask, other=0.0)
+    ts_x = tl.load(ts_x_ptr + b * stat_stride_b + rows, mask=row_mask, other=0.0)
+    coef = tl.load(coef_ptr + b)
+    if not TARGET_IS_LOGP:
+        tx = tl.load(ta_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0)
+        rtx = tl.load(rta_ptr + b * N + rows, mask=row_mask, other=0.0) * inv_tau
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # sum_k G_ik ry_k y_k
+    gs = tl.zeros([BLOCK_M], tl.float32)             # sum_k G_ik S_ik
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        valid = row_mask[:, None] & col_mask[None, :]
+        colT_offs = cols[None, :] * D + d_offs[:, None]
+        colT_mask = col_mask[None, :] & d_mask[:, None]
+        ry = tl.load(ry_ptr + b * N + cols, mask=col_mask, other=0.0)
+        lse_y = tl.load(lse_y_ptr + b * stat_stride_b + cols, mask=col_mask, other=0.0)
+        ts_y = tl.load(ts_y_ptr + b * stat_stride_b + cols, mask=col_mask, other=0.0)
+        s, yT = _scaled_logits(x, y_ptr + side_offset + colT_offs, colT_mask, rx, ry, PRECISION, UPCAST)
+        p_x = tl.exp(s - lse_x[:, None])
+        p_y = tl.exp(s - lse_y[None, :])
+        if TARGET_IS_LOGP:
+            logp_x = tl.load(ta_ptr + b * ta_stride_b + rows[:, None] * ta_stride_r + cols[None, :] * ta_stride_c,
+                             mask=valid, other=float("-inf")).to(tl.float32)
+            logp_y = tl.load(tb_ptr + b * tb_stride_b + rows[:, None] * tb_stride_r + cols[None, :] * tb_stride_c,
+                             mask=valid, other=float("-inf")).to(tl.float32)
+            g = p_x * ts_x[:, None] + p_y * ts_y[None, :] - tl.exp(logp_x) - tl.exp(logp_y)
+        else:
+            rty = tl.load(rtb_ptr + b * N + cols, mask=col_mask, other=0.0)
+            t, _ = _scaled_logits(tx, tb_ptr + side_offset + colT_offs, colT_mask, rtx, rty, PRECISION, UPCAST)
+            g = p_x + p_y - tl.exp(t - ts_x[:, None]) - tl.exp(t - ts_y[None, :])
+        g = tl.where(valid, g * coef, 0.0)
+        gs += tl.sum(g * s, 1)
+        h = g * ry[None, :]
+        if SPLIT_H:
+            # bf16/fp16 operands: h = h_hi + h_lo in two half-width dots, so the rounding of h does not
+            # survive the cancellation in sum_k h_ik y_k (sum_k G_ik = 0 up to the target mass).
+            h_hi = h.to(yT.dtype)
+            h_lo = (h - h_hi.to(tl.float32)).to(yT.dtype)
+            acc = _dot(h_hi, tl.trans(yT), acc, PRECISION, UPCAST)
+            acc = _dot(h_lo, tl.trans(yT), acc, PRECISION, UPCAST)
+        else:
+            acc = _dot(h, tl.trans(yT), acc, PRECISION, UPCAST)
+
+    dx = acc * rx[:, None] - (qx * gs)[:, None] * x.to(tl.float32)
+    tl.store(dx_ptr + side_offset + row_tile_offs, dx.to(dx_ptr.dtype.element_ty), mask=row_tile_mask)
+
+
+def _tile_config(block_d):
+    """(BLOCK_M, BLOCK_N, num_warps) for a padded feature width; smaller tiles as rows get wider."""
+    if block_d <= 64:
+        return 64, 64, 4
+    if block_d <= 128:
+        return 64, 64, 8
+    if block_d <= 256:
+        return 32, 32, 8
+    return 16, 16, 8
+
+
+def _dot_precision(device):
+    """3xTF32 keeps fp32 dots near fp32 accuracy on tensor cores (sm80+); plain fp32 FMA elsewhere."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return "tf32x3"
+    return "ieee"
+
+
+def _inverse_norms(z, norm_eps):
+    """z [B, N, D] -> (1 / max(||z_i||, norm_eps), its square where the norm was not clamped else 0), fp32 [B, N]."""
+    norm = torch.linalg.vector_norm(z.float(), dim=-1)
+    inv = 1.0 / norm.clamp_min(norm_eps)
+    return inv, torch.where(norm > norm_eps, inv * inv, torch.zeros_like(inv))
+
+
+def _check_sides(z1, z2, target_logp, t1, t2):
+    if z1.dim() != 3 or z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must both be [B, N, D], got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if z1.dtype not in SUPPORTED_DTYPES or z2.dtype != z1.dtype:
+        raise TypeError(f"z1, z2 must share a dtype in {SUPPORTED_DTYPES}, got {z1.dtype} and {z2.dtype}")
+    if (target_logp is None) == (t1 is None or t2 is None):
+        raise ValueError("pass either target_logp or both t1 and t2")
+    if target_logp is None and (t1.shape != z1.shape or t2.shape != z1.shape or t2.dtype != t1.dtype
+                                or t1.dtype not in SUPPORTED_DTYPES):
+        raise ValueError("t1, t2 must be [B, N, D] like z1 and share a supported dtype")
+    if target_logp is not None and target_logp.shape != (z1.shape[0], 2, z1.shape[1], z1.shape[1]):
+        raise ValueError(f"target_logp must be [B, 2, N, N], got {tuple(target_logp.shape)}")
+
+
+def _launch_geometry(z1):
+    batch, n, d = z1.shape
+    block_d = max(16, triton.next_power_of_2(d))
+    block_m, block_n, num_warps = _tile_config(block_d)
+    grid = (triton.cdiv(n, block_m), batch)
+    # Off CUDA the kernels run in Triton's interpreter, whose tl.dot multiplies bf16/fp16 bit patterns
+    # as integers (triton 3.8): there the operands are upcast to fp32 first, which gives the same products.
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_dot_precision(z1.device),
+                UPCAST=z1.device.type != "cuda", num_warps=num_warps)
+    return grid, meta
+
+
+def _sides(z1, z2, target_logp, t1, t2, norm_eps):
+    """Per-direction kernel operands: [(x, y, rx, ry, qx, ta, tb, rta, rtb)] for direction 1 (x = z1), 2 (x = z2).
+
+    For log-probability targets, ta is the x-rows view logp[:, dir] and tb the y-rows view
+    logp[:, 1 - dir] transposed, so both are indexed [x row, y row].
+    """
+    (r1, q1), (r2, q2) = _inverse_norms(z1, norm_eps), _inverse_norms(z2, norm_eps)
+    if target_logp is None:
+        (rt1, _), (rt2, _) = _inverse_norms(t1, norm_eps), _inverse_norms(t2, norm_eps)
+        return [(z1, z2, r1, r2, q1, t1, t2, rt1, rt2), (z2, z1, r2, r1, q2, t2, t1, rt2, rt1)]
+    view1, view2 = target_logp[:, 0], target_logp[:, 1]
+    return [(z1, z2, r1, r2, q1, view1, view2.transpose(1, 2), r1, r2),
+            (z2, z1, r2, r1, q2, view2, view1.transpose(1, 2), r2, r1)]
+
+
+def softmax_kl_forward(z1, z2, temperature, norm_eps, target_logp=None, t1=None, t2=None):
+    """z1, z2 [B, N, D] (+ target_logp [B, 2, N, N] or t1, t2 [B, N, D]) ->
+    (loss [B], lse [B, 2, N], target_stat [B, 2, N]), all fp32; row stats ordered (view-1 rows, view-2 rows)."""
+    _check_sides(z1, z2, target_logp, t1, t2)
+    z1, z2 = z1.contiguous(), z2.contiguous()
+    t1, t2 = (None, None) if target_logp is not None else (t1.contiguous(), t2.contiguous())
+    batch, n, d = z1.shape
+    kl_rows, lse, target_stat = (torch.full((batch, 2, n), float("nan"), device=z1.device) for _ in range(3))
+    grid, meta = _launch_geometry(z1)
+    for direction, (x, y, rx, ry, _, ta, tb, rta, rtb) in enumerate(_sides(z1, z2, target_logp, t1, t2, norm_eps)):
+        _softmax_kl_fwd_kernel[grid](
+            x, y, rx, ry, ta, tb, rta, rtb, *(ta.stride() if target_logp is not None else (0, 0, 0)),
+            kl_rows[:, direction], lse[:, direction], target_stat[:, direction], kl_rows.stride(0),
+            n, d, 1.0 / temperature, TARGET_IS_LOGP=target_logp is not None, **meta)
+    return kl_rows.sum(dim=(1, 2)) / (2 * n), lse, target_stat
+
+
+def softmax_kl_backward(grad_loss, z1, z2, temperature, norm_eps, lse, target_stat, target_logp=None, t1=None,
+                        t2=None):
+    """grad_loss [B] and the forward's row stats -> (dz1, dz2) [B, N, D] in z1's dtype."""
+    _check_sides(z1, z2, target_logp, t1, t2)
+    z1, z2 = z1.contiguous(), z2.contiguous()
+    t1, t2 = (None, None) if target_logp is not None else (t1.contiguous(), t2.contiguous())
+    batch, n, d = z1.shape
+    lse, target_stat = lse.float().contiguous(), target_stat.float().contiguous()
+    coef = (grad_loss.float() / (2 * n)).contiguous()
+    grid, meta = _launch_geometry(z1)
+    grads = []
+    for direction, (x, y, rx, ry, qx, ta, tb, rta, rtb) in enumerate(_sides(z1, z2, target_logp, t1, t2, norm_eps)):
+        dx = torch.full_like(x, float("nan"))
+        logp_strides = (*ta.stride(), *tb.stride()) if target_logp is not None else (0,) * 6
+        _softmax_kl_bwd_kernel[grid](
+            x, y, rx, ry, qx, ta, tb, rta, rtb, *logp_strides,
+            lse[:, direction], lse[:, 1 - direction], target_stat[:, direction], target_stat[:, 1 - direction],
+            lse.stride(0), coef, dx, n, d, 1.0 / temperature, TARGET_IS_LOGP=target_logp is not None,
+            SPLIT_H=z1.dtype != torch.float32, **meta)
+        grads.append(dx)
+    return grads[0], grads[1]

@@ -1,0 +1,259 @@
+"""GeSSLStep against the plain autograd reference, the BatchNorm rule, surrogate, bad input, skips."""
+import copy
+import gc
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from gessl_ext import GeSSLStep, NonSmoothModelWarning, losses
+from reference import flat, reference_step, rel
+
+SIMCLR = losses.SimCLR(temperature=0.5)
+
+
+def bn_convnet():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(), nn.Conv2d(4, 4, 3, stride=2),
+        nn.BatchNorm2d(4, momentum=None), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 6),
+    ).double()
+
+
+def mlp(act=nn.Tanh):
+    return nn.Sequential(nn.Linear(5, 12), act(), nn.Linear(12, 6)).double()
+
+
+def grads(model):
+    return flat([p.grad for p in model.parameters()])
+
+
+@pytest.mark.parametrize("batching", ["loop", "vmap"])
+@pytest.mark.parametrize("hypergrad", ["itd", "hvp"])
+def test_exact_hypergradient_matches_autograd_reference_with_batchnorm(batching, hypergrad):
+    model = bn_convnet()
+    views = torch.randn(3, 2, 5, 1, 8, 8, dtype=torch.float64)
+    ref, ref_loss, ref_ssl = reference_step(model, SIMCLR.pair_loss, views, 0.1, 2, 3, 0.2)
+    step = GeSSLStep(model, SIMCLR, inner_lr=0.1, inner_steps=2, target_steps=3, hypergrad=hypergrad,
+                     head_temperature=0.2, task_batching=batching)
+    out = step(views)
+    assert rel(grads(model), flat(ref)) < 1e-8
+    assert abs(float(out.loss) - float(ref_loss)) < 1e-10
+    assert abs(float(out.ssl_loss) - float(ref_ssl.mean())) < 1e-10
+    assert torch.allclose(out.kl.mean(), out.loss)
+    assert out.kl.shape == (3,) and not out.skipped
+
+
+@pytest.mark.parametrize("hypergrad", ["fd", "itd", "first_order", "neumann", "cg", "hvp"])
+def test_surrogate_backward_leaves_the_same_grad_as_step(hypergrad):
+    model = mlp()
+    views = torch.randn(2, 2, 4, 5, dtype=torch.float64)
+    kwargs = dict(inner_lr=0.1, inner_steps=2, target_steps=2, hypergrad=hypergrad)
+    GeSSLStep(model, SIMCLR, **kwargs)(views)
+    expected = grads(model)
+    model.zero_grad(set_to_none=True)
+    surrogate = GeSSLStep(model, SIMCLR, **kwargs).surrogate(views)
+    assert surrogate.dim() == 0 and surrogate.requires_grad
+    surrogate.backward()
+    assert torch.equal(grads(model), expected)
+
+
+def test_step_accumulates_like_backward():
+    model = mlp()
+    views = torch.randn(2, 2, 4, 5, dtype=torch.float64)
+    step = GeSSLStep(model, SIMCLR, hypergrad="hvp")
+    step(views)
+    once = grads(model).clone()
+    step(views)
+    assert torch.allclose(grads(model), 2 * once, rtol=1e-12, atol=0)
+
+
+def test_batchnorm_running_stats_follow_an_ordinary_training_loop():
+    model = bn_convnet()
+    views = torch.randn(4, 2, 5, 1, 8, 8, dtype=torch.float64)
+    ordinary = copy.deepcopy(model)
+    with torch.no_grad():
+        for task in views:
+            ordinary(torch.cat([task[0], task[1]]))
+    for batching in ("loop", "vmap"):
+        trained = copy.deepcopy(model)
+        GeSSLStep(trained, SIMCLR, hypergrad="fd", target_steps=2, task_batching=batching)(views)
+        for (name, got), want in zip(trained.named_buffers(), ordinary.buffers()):
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-14), (batching, name)
+    # eval mode: running statistics are used and kept
+    frozen = copy.deepcopy(model).eval()
+    before = [b.clone() for b in frozen.buffers()]
+    GeSSLStep(frozen, SIMCLR, hypergrad="fd", target_steps=1)(views)
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen.buffers()))
+
+
+@pytest.mark.parametrize("hypergrad", ["fd", "hvp", "itd", "first_order", "neumann", "cg"])
+def test_loop_vmap_and_chunked_vmap_agree(hypergrad):
+    model = bn_convnet()
+    views = torch.randn(3, 2, 4, 1, 8, 8, dtype=torch.float64)
+    results = []
+    for batching, chunk in (("loop", None), ("vmap", None), ("vmap", 2)):
+        m = copy.deepcopy(model)
+        GeSSLStep(m, SIMCLR, hypergrad=hypergrad, target_steps=2, task_batching=batching, task_chunk_size=chunk)(views)
+        results.append(grads(m))
+    assert rel(results[1], results[0]) < 1e-10
+    assert rel(results[2], results[0]) < 1e-10
+
+
+def test_auto_batching_is_loop_on_cpu():
+    assert GeSSLStep(mlp(), SIMCLR).task_batching_used == "loop"
+
+
+def test_custom_head_with_the_same_contract():
+    from gessl_ext import PairHead
+
+    model = mlp()
+    views = torch.randn(2, 2, 4, 5, dtype=torch.float64)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    out_a = GeSSLStep(a, SIMCLR, head_temperature=0.3, hypergrad="hvp")(views)
+    out_b = GeSSLStep(b, SIMCLR, head=lambda z1, z2: PairHead(0.3)(z1, z2), hypergrad="hvp")(views)
+    assert torch.equal(grads(a), grads(b)) and torch.equal(out_a.loss, out_b.loss)
+
+
+def test_plain_callable_loss_is_accepted():
+    model = mlp()
+    views = torch.randn(2, 2, 4, 5, dtype=torch.float64)
+    ref, _, _ = reference_step(model, SIMCLR.pair_loss, views, 0.05, 1, 2, 0.1)
+    GeSSLStep(model, lambda z1, z2: SIMCLR.pair_loss(z1, z2), target_steps=2, hypergrad="itd")(views)
+    assert rel(grads(model), flat(ref)) < 1e-8
+
+
+def test_torchvision_resnet_and_vit_steps_change_the_weights():
+    torchvision = pytest.importorskip("torchvision")
+    resnet = torchvision.models.resnet18(num_classes=16)  # BatchNorm, ReLU, max-pool
+    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2,
+                                               hidden_dim=16, mlp_dim=32, num_classes=8)
+    nn.init.normal_(vit.heads.head.weight)  # torchvision starts the head at zero: every embedding equal
+    for model, size, batching in ((resnet, 16, "loop"), (vit, 16, "vmap")):
+        before = [p.detach().clone() for p in model.parameters()]
+        stats_before = [b.clone() for b in model.buffers()]
+        step = GeSSLStep(model, SIMCLR, inner_steps=1, target_steps=1, hypergrad="hvp", task_batching=batching)
+        opt = torch.optim.SGD(step.parameters(), lr=0.1)
+        out = step(torch.randn(2, 2, 3, 3, size, size))
+        opt.step()
+        assert not out.skipped and torch.isfinite(out.loss) and out.hypergrad_norm > 0
+        changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]
+        assert sum(changed) >= 0.9 * len(changed)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        if stats_before:
+            assert not all(torch.equal(a, b) for a, b in zip(stats_before, model.buffers()))
+
+
+def test_nonfinite_loss_skips_the_step_and_touches_nothing():
+    model = mlp()
+    views = torch.randn(2, 2, 4, 5, dtype=torch.float64)
+    views[1, 0, 2, 3] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    step = GeSSLStep(model, SIMCLR)
+    out = step(views)
+    assert out.skipped and int(step.skipped_steps) == 1
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    step.surrogate(views).backward()
+    assert int(step.skipped_steps) == 2 and all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    assert "skipped_steps" in step.state_dict()
+
+
+def test_nonfinite_hypergradient_is_skipped():
+    model = mlp()
+    views = torch.randn(2, 2, 4, 5, dtype=torch.float64)
+    out = GeSSLStep(model, SIMCLR, inner_lr=1e300, hypergrad="itd")(views)
+    assert out.skipped and all(p.grad is None for p in model.parameters())
+
+
+BAD_ARGS = [
+    (dict(inner_steps=0), ValueError, "inner_steps"),
+    (dict(inner_steps=1.5), ValueError, "inner_steps"),
+    (dict(target_steps=-1), ValueError, "target_steps"),
+    (dict(inner_lr=0.0), ValueError, "inner_lr"),
+    (dict(inner_lr=-1), ValueError, "inner_lr"),
+    (dict(head_temperature=0), ValueError, "head_temperature"),
+    (dict(fd_radius=float("inf")), ValueError, "fd_radius"),
+    (dict(hypergrad="magic"), ValueError, "unknown hypergrad"),
+    (dict(task_batching="threads"), ValueError, "task_batching"),
+    (dict(task_chunk_size=0), ValueError, "task_chunk_size"),
+    (dict(implicit_iters=0), ValueError, "implicit_iters"),
+    (dict(head=3), TypeError, "head"),
+    (dict(autocast_dtype=torch.int32), TypeError, "autocast_dtype"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, words", BAD_ARGS)
+def test_bad_constructor_arguments(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        GeSSLStep(mlp(), SIMCLR, **kwargs)
+
+
+def test_model_without_trainable_parameters_and_bad_loss():
+    frozen = mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        GeSSLStep(frozen, SIMCLR)
+    with pytest.raises(TypeError):
+        GeSSLStep(mlp(), ssl_loss=3)
+    with pytest.raises(TypeError, match="nn.Module"):
+        GeSSLStep(lambda x: x, SIMCLR)
+
+
+BAD_VIEWS = [
+    (lambda: torch.randn(2, 4, 5, dtype=torch.float64), ValueError, "rank"),
+    (lambda: torch.randn(2, 3, 4, 5, dtype=torch.float64), ValueError, "two views"),
+    (lambda: torch.randn(2, 2, 1, 5, dtype=torch.float64), ValueError, "N >= 2"),
+    (lambda: torch.randn(0, 2, 4, 5, dtype=torch.float64), ValueError, "at least one task"),
+    (lambda: torch.randn(2, 2, 4, 5, dtype=torch.float32), TypeError, "dtype"),
+    (lambda: torch.randn(2, 2, 4, 5, dtype=torch.float64, device="meta"), ValueError, "device"),
+    (lambda: [[1.0]], TypeError, "Tensor"),
+]
+
+
+@pytest.mark.parametrize("make, error, words", BAD_VIEWS)
+def test_bad_views_fail_before_anything_changes(make, error, words):
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    step = GeSSLStep(model, SIMCLR)
+    with pytest.raises(error, match=words):
+        step(make())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fd_warns_once_on_nonsmooth_models_and_can_be_silenced():
+    with pytest.warns(NonSmoothModelWarning, match="hvp"):
+        GeSSLStep(mlp(nn.ReLU), SIMCLR, hypergrad="fd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GeSSLStep(mlp(nn.ReLU), SIMCLR, hypergrad="fd", warn_nonsmooth=False)
+        GeSSLStep(mlp(nn.ReLU), SIMCLR, hypergrad="hvp")
+        GeSSLStep(mlp(nn.Tanh), SIMCLR, hypergrad="fd")
+
+
+def test_repeated_steps_keep_no_tensors_alive():
+    model = nn.Sequential(nn.Linear(5, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 6))
+    step = GeSSLStep(model, SIMCLR, hypergrad="itd", target_steps=2)
+    opt = torch.optim.SGD(step.parameters(), lr=0.01, momentum=0.9)
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+    counts = []
+    for _ in range(5):
+        step(torch.randn(3, 2, 6, 5))
+        opt.step()
+        opt.zero_grad()
+        counts.append(live_tensors())
+    assert counts[-1] <= counts[1], counts
+
+
+def test_bf16_autocast_hypergradient_close_to_fp32():
+    model = nn.Sequential(nn.Linear(8, 32), nn.SiLU(), nn.Linear(32, 16))
+    views = torch.randn(2, 2, 8, 8)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    GeSSLStep(a, SIMCLR, hypergrad="hvp", target_steps=3)(views)
+    GeSSLStep(b, SIMCLR, hypergrad="hvp", target_steps=3, autocast_dtype=torch.bfloat16)(views)
+    assert all(p.grad.dtype == torch.float32 for p in b.parameters())
+    assert rel(grads(b), grads(a)) < 0.1

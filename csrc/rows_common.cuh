@@ -2,10 +2,14 @@
 // 16-byte loads/stores, and a deterministic block reduction.
 #pragma once
 
-// Only c10/CUDA-runtime headers: ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers that
-// a bare CUDA toolkit may not ship.
-#include <ATen/ATen.h>
+// Per-op ATen headers instead of ATen/ATen.h (much faster to compile), and c10 instead of
+// ATen/cuda/CUDAContext.h, which pulls in cuSPARSE/cuBLAS headers that a bare CUDA toolkit may not ship.
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/full_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>

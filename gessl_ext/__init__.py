@@ -1,5 +1,5 @@
 """gessl_ext: GeSSL (a bi-level, self-motivated wrapper around any SSL objective) as a PyTorch training step."""
-from . import hypergrad, losses
+from . import distributed, hypergrad, losses
 from .head import PairHead
 from .hypergrad import HYPERGRADIENTS, register_hypergradient
 from .sigma import sigma_measure
@@ -7,5 +7,5 @@ from .step import GeSSLStep, NonSmoothModelWarning, StepOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["GeSSLStep", "StepOutput", "NonSmoothModelWarning", "PairHead", "sigma_measure", "losses", "hypergrad",
+__all__ = ["GeSSLStep", "StepOutput", "NonSmoothModelWarning", "PairHead", "sigma_measure", "losses", "hypergrad", "distributed",
            "HYPERGRADIENTS", "register_hypergradient"]

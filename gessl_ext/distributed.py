@@ -21,8 +21,8 @@ raises :class:`RankFailureError` naming what failed, instead of hanging. (With N
 are asynchronous, NCCL's watchdog usually tears the process down first; keep the default
 ``TORCH_NCCL_ASYNC_ERROR_HANDLING``.)
 
-Launch helpers for training scripts: :func:`init_from_env` (torchrun), :func:`rank`,
-:func:`world_size`, :func:`is_main`, :func:`local_device`, :func:`shard_tasks`, :func:`any_rank`,
+Launch helpers for training scripts: :func:`init_from_env` (torchrun), :func:`is_initialized`,
+:func:`rank`, :func:`world_size`, :func:`is_main`, :func:`local_device`, :func:`shard_tasks`, :func:`any_rank`,
 :func:`broadcast_state`, :func:`average_gradients`, :func:`shutdown`.
 """
 from __future__ import annotations
@@ -66,7 +66,8 @@ def reduce_across_ranks(total: Tensor, kl: Tensor, ssl_loss: Tensor, stats: dict
     num_tasks = kl.shape[0]
     for name, tensor in zip(["kl", "ssl_loss", *stats], per_task):
         if tensor.dim() == 0 or tensor.shape[0] != num_tasks:
-            raise ValueError(f"{name} must have the task axis first with {num_tasks} tasks, got shape {tuple(tensor.shape)}")
+            raise ValueError(f"{name} must have the task axis first with {num_tasks} tasks, "
+                             f"got shape {tuple(tensor.shape)}")
     packed = _pack_rows(per_task, num_tasks)
     _check_same_sizes(group, world, num_tasks, total.numel(), packed.shape[1], total.device)
     total = total.detach().contiguous()  # a collective is not differentiable; never write into a graph
@@ -116,7 +117,7 @@ def _collective(what: str, group):
     except RuntimeError as exc:
         me, world = dist.get_rank(group), dist.get_world_size(group)
         raise RankFailureError(
-            f"GeSSLStep: the {what} failed on rank {me} of {world}: another rank crashed, was killed or is stuck "
+            f"gessl_ext: the {what} failed on rank {me} of {world}: another rank crashed, was killed or is stuck "
             f"past the process group's timeout (set by init_process_group(timeout=...)). Backend error: {exc}"
         ) from exc
 
@@ -157,6 +158,7 @@ def task_local_batchnorm(module: nn.Module):
 # --- helpers for training scripts ---------------------------------------------------------------------
 
 def is_initialized() -> bool:
+    """True when a default process group exists."""
     return dist.is_available() and dist.is_initialized()
 
 

@@ -20,7 +20,8 @@ from torch import nn
 
 from .head import PairHead, outer_kl
 from .hypergrad import HYPERGRADIENTS, HypergradConfig
-from .losses import as_objective
+from .distributed import gather_views, reduce_across_ranks, task_local_batchnorm
+from .losses import SSLObjective, as_objective
 from .tasks import TaskModel, TaskProblem, fold_running_stats, per_task_copies, run_tasks
 
 Tensor = torch.Tensor
@@ -210,10 +211,15 @@ class GeSSLStep(nn.Module):
         target = self_motivated_target(problem, trajectory[-1], self.target_steps)
         loss, outer_grad = outer_loss_and_grad(problem, trajectory[-1], target, self.head, self.use_kernels)
         hypergrad = HYPERGRADIENTS[self.hypergrad](problem, trajectory, outer_grad, self.config)
-        return hypergrad, (loss, ssl_loss, stats)
+        return hypergrad.detach(), (loss.detach(), ssl_loss.detach(), stats)
 
     def _hypergradient(self, views: Tensor):
+        """dL/dθ [P] (summed over ranks when distributed) and the StepOutput; updates state unless skipped."""
         self._check_views(views)
+        with task_local_batchnorm(self):
+            return self._hypergradient_checked(views)
+
+    def _hypergradient_checked(self, views: Tensor):
         self.ssl_loss.before_step(self.model)
         theta = self.task_model.flat_parameters()
         batching = self.task_batching_used
@@ -223,10 +229,9 @@ class GeSSLStep(nn.Module):
         stats = per_task_copies(self.task_model.running_stats(), views.shape[0])
         total, (kl, ssl_loss, stats) = run_tasks(task_fn, theta, views, stats, batching, self.task_chunk_size)
         if self.process_group is not None:
-            from .distributed import gather_views, reduce_across_ranks
-
             total, kl, ssl_loss, stats = reduce_across_ranks(total, kl, ssl_loss, stats, self.process_group)
-            views = gather_views(views, self.process_group)
+            if type(self.ssl_loss).after_step is not SSLObjective.after_step:
+                views = gather_views(views, self.process_group)
         hypergrad = total / kl.shape[0]
         loss = kl.mean()
         finite = bool(torch.isfinite(loss) & torch.isfinite(hypergrad).all())

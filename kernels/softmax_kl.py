@@ -23,20 +23,27 @@ q_i = rx_i^2 (0 where the norm was clamped to norm_eps).
 
 Launchers take [B, N, D] tensors; every output is preallocated NaN so an unwritten element shows.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_TASKS = 65535  # tasks are the second grid dimension
 
 
 @triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b (acc None: a @ b) with fp32 accumulation; UPCAST feeds fp32 copies of the operands (same products)."""
+    """acc + a @ b (acc None: a @ b) with fp32 accumulation; PRECISION applies to fp32 operands only.
+
+    UPCAST feeds fp32 copies of half-width operands (the same products) for the interpreter."""
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -231,6 +238,13 @@ def _check_sides(z1, z2, target_logp, t1, t2):
         raise ValueError("t1, t2 must be [B, N, D] like z1 and share a supported dtype")
     if target_logp is not None and target_logp.shape != (z1.shape[0], 2, z1.shape[1], z1.shape[1]):
         raise ValueError(f"target_logp must be [B, 2, N, N], got {tuple(target_logp.shape)}")
+    if not 0 < z1.shape[0] <= MAX_TASKS:
+        raise ValueError(f"B must be in [1, {MAX_TASKS}] (the second grid dimension), got {z1.shape[0]}")
+
+
+def _on_device_of(t):
+    """Triton launches on the current CUDA device: make it t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _launch_geometry(z1):
@@ -269,11 +283,13 @@ def softmax_kl_forward(z1, z2, temperature, norm_eps, target_logp=None, t1=None,
     batch, n, d = z1.shape
     kl_rows, lse, target_stat = (torch.full((batch, 2, n), float("nan"), device=z1.device) for _ in range(3))
     grid, meta = _launch_geometry(z1)
-    for direction, (x, y, rx, ry, _, ta, tb, rta, rtb) in enumerate(_sides(z1, z2, target_logp, t1, t2, norm_eps)):
-        _softmax_kl_fwd_kernel[grid](
-            x, y, rx, ry, ta, tb, rta, rtb, *(ta.stride() if target_logp is not None else (0, 0, 0)),
-            kl_rows[:, direction], lse[:, direction], target_stat[:, direction], kl_rows.stride(0),
-            n, d, 1.0 / temperature, TARGET_IS_LOGP=target_logp is not None, **meta)
+    with _on_device_of(z1):
+        for direction, (x, y, rx, ry, _, ta, tb, rta, rtb) in enumerate(
+                _sides(z1, z2, target_logp, t1, t2, norm_eps)):
+            _softmax_kl_fwd_kernel[grid](
+                x, y, rx, ry, ta, tb, rta, rtb, *(ta.stride() if target_logp is not None else (0, 0, 0)),
+                kl_rows[:, direction], lse[:, direction], target_stat[:, direction], kl_rows.stride(0),
+                n, d, 1.0 / temperature, TARGET_IS_LOGP=target_logp is not None, **meta)
     return kl_rows.sum(dim=(1, 2)) / (2 * n), lse, target_stat
 
 
@@ -288,13 +304,15 @@ def softmax_kl_backward(grad_loss, z1, z2, temperature, norm_eps, lse, target_st
     coef = (grad_loss.float() / (2 * n)).contiguous()
     grid, meta = _launch_geometry(z1)
     grads = []
-    for direction, (x, y, rx, ry, qx, ta, tb, rta, rtb) in enumerate(_sides(z1, z2, target_logp, t1, t2, norm_eps)):
-        dx = torch.full_like(x, float("nan"))
-        logp_strides = (*ta.stride(), *tb.stride()) if target_logp is not None else (0,) * 6
-        _softmax_kl_bwd_kernel[grid](
-            x, y, rx, ry, qx, ta, tb, rta, rtb, *logp_strides,
-            lse[:, direction], lse[:, 1 - direction], target_stat[:, direction], target_stat[:, 1 - direction],
-            lse.stride(0), coef, dx, n, d, 1.0 / temperature, TARGET_IS_LOGP=target_logp is not None,
-            SPLIT_H=z1.dtype != torch.float32, **meta)
-        grads.append(dx)
+    with _on_device_of(z1):
+        for direction, (x, y, rx, ry, qx, ta, tb, rta, rtb) in enumerate(
+                _sides(z1, z2, target_logp, t1, t2, norm_eps)):
+            dx = torch.full_like(x, float("nan"))
+            logp_strides = (*ta.stride(), *tb.stride()) if target_logp is not None else (0,) * 6
+            _softmax_kl_bwd_kernel[grid](
+                x, y, rx, ry, qx, ta, tb, rta, rtb, *logp_strides,
+                lse[:, direction], lse[:, 1 - direction], target_stat[:, direction], target_stat[:, 1 - direction],
+                lse.stride(0), coef, dx, n, d, 1.0 / temperature, TARGET_IS_LOGP=target_logp is not None,
+                SPLIT_H=z1.dtype != torch.float32, **meta)
+            grads.append(dx)
     return grads[0], grads[1]

@@ -27,7 +27,7 @@ __all__ = [
 _EXTENSION_OPS = ("fd_perturb", "fd_update", "task_sgd")
 
 
-def _backends():
+def _backend_choices():
     """{op: (backend, reason it is not the fast one or "")} for CUDA tensors in this process."""
     if not torch.cuda.is_available():
         return {op: ("torch", "no CUDA device") for op in ("softmax_kl",) + _EXTENSION_OPS}
@@ -43,12 +43,12 @@ def kernels_info():
 
     CPU tensors always take the PyTorch implementation.
     """
-    return {op: backend for op, (backend, _) in _backends().items()}
+    return {op: backend for op, (backend, _) in _backend_choices().items()}
 
 
 def kernels_summary():
     """One line: each op's backend, and why an op falls back to PyTorch."""
-    backends = _backends()
+    backends = _backend_choices()
     parts = ", ".join(f"{op}={backend}" for op, (backend, _) in backends.items())
     reasons = sorted({reason for _, reason in backends.values() if reason})
     return f"gessl_ext ops: {parts}" + (f" (fallback: {'; '.join(reasons)})" if reasons else "")

@@ -77,7 +77,7 @@ def knn_accuracy(bank: Tensor, bank_labels: Tensor, queries: Tensor, query_label
 
 
 def linear_probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, l2: float = 1e-4,
-                          max_iter: int = 200) -> float:
+                          max_iter: int = 100) -> float:
     """Logistic regression on standardised frozen features [P, d] / [Q, d] -> test accuracy %."""
     weights, bias, mean, std = fit_logistic_regression(train_x, train_y, l2, max_iter)
     with torch.no_grad():
@@ -85,7 +85,7 @@ def linear_probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test
     return 100.0 * float((pred == test_y).float().mean())
 
 
-def fit_logistic_regression(x: Tensor, y: Tensor, l2: float, max_iter: int = 200):
+def fit_logistic_regression(x: Tensor, y: Tensor, l2: float, max_iter: int = 100):
     """Minimise mean CE + l2/2 ‖W‖² (bias unpenalised) on standardised x. Returns (W [d, C], b [C], mean, std)."""
     x = x.detach().to(torch.float64)
     mean, std = x.mean(0), x.std(0).clamp(min=1e-8)
@@ -94,7 +94,7 @@ def fit_logistic_regression(x: Tensor, y: Tensor, l2: float, max_iter: int = 200
     weights = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([weights, bias], lr=1, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+                            tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()

@@ -22,3 +22,9 @@ def assert_close_rel(actual, expected, rtol, floor=0.0, what=""):
 def randn(shape, generator, dtype=torch.float32, device="cpu"):
     """Seeded standard normal tensor (drawn in float64 on the CPU, then cast and moved)."""
     return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def d1_floor(z):
+    """Scale floor for head gradients: with d = 1 the cosines are +-1 and the exact gradient is 0, so
+    the result is rounding noise of terms of size ~1e-2..1; otherwise no floor."""
+    return 1e-2 if z.shape[-1] == 1 else 0.0

@@ -29,7 +29,7 @@ def test_convnet_is_exactly_the_benchmark_network():
 
 
 @pytest.mark.parametrize("backbone,channels,size,feature_dim", [
-    ("convnet", 3, 12, 128), ("convnet_bn", 1, 28, 128), ("conv4", 3, 32, 128), ("resnet18", 3, 16, 512),
+    ("convnet", 3, 12, 128), ("convnet_bn", 1, 28, 128), ("conv4", 3, 32, 256), ("resnet18", 3, 16, 512),
     ("resnet50", 1, 8, 2048),
 ])
 def test_backbones_map_images_to_embeddings(backbone, channels, size, feature_dim):

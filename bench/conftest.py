@@ -1,0 +1,10 @@
+"""Options of the benchmark suites: ``--quick`` (or BENCH_QUICK=1) runs every benchmark at a small size."""
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true", default=False,
+                     help="bench suites: small shapes that exercise every code path in seconds (CI smoke run)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "target: a configuration that a performance target of issue 5 or 8 is stated for")

@@ -1,0 +1,62 @@
+"""Settings: defaults < --quick < --config file < command line, validation, resume identity."""
+import pytest
+
+from gessl_ext.train.config import QUICK, ConfigError, defaults, resolve, training_identity
+
+
+def test_paper_defaults():
+    cfg = resolve({})
+    assert (cfg["tasks"], cfg["task_size"], cfg["inner_steps"], cfg["target_steps"]) == (8, 32, 1, 10)
+    assert (cfg["momentum"], cfg["weight_decay"], cfg["head_temperature"]) == (0.9, 1e-4, 0.1)
+    assert cfg["gessl"] is True and cfg["method"] == "simclr" and cfg["out"] == "runs/simclr-gessl-seed0"
+
+
+def test_precedence_quick_then_file_then_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("quick: true\ntask-size: 16\nepochs: 7\ngessl: false\nfewshot_shots: [1, 3]\n")
+    cfg = resolve({"config": str(path), "epochs": "9", "tasks": "3"})
+    assert cfg["quick"] and cfg["train_subset"] == QUICK["train_subset"]          # from --quick
+    assert cfg["task_size"] == 16 and cfg["gessl"] is False                       # from the file
+    assert cfg["epochs"] == 9 and cfg["tasks"] == 3                               # flags win
+    assert cfg["fewshot_shots"] == [1, 3]
+    assert resolve({"fewshot_shots": "2,4"})["fewshot_shots"] == [2, 4]
+    assert cfg["out"] == "runs/simclr-ssl-seed0"
+
+
+@pytest.mark.parametrize("text,match", [
+    ("epoch: 3\n", "unknown setting 'epoch'"),
+    ("epochs: many\n", "--epochs .*invalid int value 'many'"),
+    ("epochs: 2.5\n", "--epochs .*invalid int"),
+    ("method: dino\n", "unknown value 'dino'; choose one of simclr"),
+    ("task_size: 1\n", "--task-size .*must be >= 2"),
+    ("lr: .nan\n", "--lr .*invalid float"),
+    ("- 1\n- 2\n", "must hold a mapping"),
+    ("epochs: [1\n", "not valid YAML"),
+    ("quick: 3\n", "quick in config file"),
+])
+def test_bad_config_files(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        resolve({"config": str(path)})
+
+
+def test_bad_flags_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="--inner-lr .*must be >= 1e-12"):
+        resolve({"inner_lr": "0"})
+    with pytest.raises(ConfigError, match="--gessl"):
+        resolve({"gessl": "maybe"})
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        resolve({"config": str(tmp_path / "none.yaml")})
+
+
+def test_training_identity_ignores_only_resumable_settings():
+    a = resolve({})
+    b = {**a, "epochs": 50, "eval_every": 3, "out": "elsewhere", "device": "cpu", "progress": False,
+         "time_budget": 10.0}
+    assert training_identity(a) == training_identity(b)
+    for key, value in (("task_size", 16), ("seed", 1), ("hypergrad", "hvp"), ("lr", 0.1), ("fewshot_ways", 3)):
+        assert training_identity(a) != training_identity({**a, key: value}), key
+    cosine = {**a, "lr_schedule": "cosine"}
+    assert training_identity(cosine) != training_identity({**cosine, "epochs": 50})
+    assert set(defaults()) <= set(a)

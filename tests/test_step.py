@@ -159,11 +159,17 @@ def test_nonfinite_loss_skips_the_step_and_touches_nothing():
     assert "skipped_steps" in step.state_dict()
 
 
-def test_nonfinite_hypergradient_is_skipped():
+def test_nonfinite_hypergradient_with_finite_loss_is_skipped():
+    from gessl_ext import PairHead
+
+    def head_with_nan_gradient(z1, z2):  # value unchanged, gradient 0 * inf = nan
+        return PairHead(0.1)(z1, z2) + 0 * (z1 - z1.detach()).abs().sqrt().sum()
+
     model = mlp()
     views = torch.randn(2, 2, 4, 5, dtype=torch.float64)
-    out = GeSSLStep(model, SIMCLR, inner_lr=1e300, hypergrad="itd")(views)
-    assert out.skipped and all(p.grad is None for p in model.parameters())
+    out = GeSSLStep(model, SIMCLR, head=head_with_nan_gradient, hypergrad="first_order")(views)
+    assert torch.isfinite(out.loss) and out.skipped
+    assert all(p.grad is None for p in model.parameters())
 
 
 BAD_ARGS = [

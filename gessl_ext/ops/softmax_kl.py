@@ -12,6 +12,7 @@ All leading dims are tasks: z1, z2 [..., N, d] -> loss [...]. The custom ops are
 kernels/softmax_kl.py (fp16/bf16/fp32; float64 uses the PyTorch path), elsewhere the PyTorch
 implementation below, whose backward is the same closed form the kernel evaluates.
 """
+import math
 from typing import Optional
 
 import torch
@@ -97,7 +98,7 @@ def _reference_backward(grad_loss, z1, z2, target_logp, t1, t2, temperature, lse
 def _triton_launcher(z1, t1):
     """The Triton kernel module when it can take these inputs (t1: target embeddings or None), else None."""
     kernel, _ = triton_kernel("softmax_kl")
-    if kernel is None or z1.numel() == 0:
+    if kernel is None or z1.numel() == 0 or math.prod(z1.shape[:-2]) > kernel.MAX_TASKS:
         return None
     if any(t is not None and t.dtype not in kernel.SUPPORTED_DTYPES for t in (z1, t1)):
         return None

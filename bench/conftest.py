@@ -8,3 +8,4 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "target: a configuration that a performance target of issue 5 or 8 is stated for")
+    config.addinivalue_line("markers", "compile: the torch.compile variant of the GPU suite (long compilation)")

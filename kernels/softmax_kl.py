@@ -42,8 +42,10 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     if a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-    return tl.dot(a, b, acc)
+        product = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        product = tl.dot(a, b, acc)
+    return product
 
 
 @triton.jit
@@ -150,14 +152,12 @@ def _softmax_kl_bwd_kernel(
     row_tile_offs = rows[:, None] * D + d_offs[None, :]
     row_tile_mask = row_mask[:, None] & d_mask[None, :]
 
-    x = tl.load(x_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0)
     rx = tl.load(rx_ptr + b * N + rows, mask=row_mask, other=0.0) * inv_tau
     qx = tl.load(qx_ptr + b * N + rows, mask=row_mask, other=0.0)
     lse_x = tl.load(lse_x_ptr + b * stat_stride_b + rows, mask=row_mask, other=0.0)
     ts_x = tl.load(ts_x_ptr + b * stat_stride_b + rows, mask=row_mask, other=0.0)
     coef = tl.load(coef_ptr + b)
     if not TARGET_IS_LOGP:
-        tx = tl.load(ta_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0)
         rtx = tl.load(rta_ptr + b * N + rows, mask=row_mask, other=0.0) * inv_tau
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # sum_k G_ik ry_k y_k
@@ -171,6 +171,7 @@ def _softmax_kl_bwd_kernel(
         ry = tl.load(ry_ptr + b * N + cols, mask=col_mask, other=0.0)
         lse_y = tl.load(lse_y_ptr + b * stat_stride_b + cols, mask=col_mask, other=0.0)
         ts_y = tl.load(ts_y_ptr + b * stat_stride_b + cols, mask=col_mask, other=0.0)
+        x = tl.load(x_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0)
         s, yT = _scaled_logits(x, y_ptr + side_offset + colT_offs, colT_mask, rx, ry, PRECISION, UPCAST)
         p_x = tl.exp(s - lse_x[:, None])
         p_y = tl.exp(s - lse_y[None, :])
@@ -182,6 +183,7 @@ def _softmax_kl_bwd_kernel(
             g = p_x * ts_x[:, None] + p_y * ts_y[None, :] - tl.exp(logp_x) - tl.exp(logp_y)
         else:
             rty = tl.load(rtb_ptr + b * N + cols, mask=col_mask, other=0.0)
+            tx = tl.load(ta_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0)
             t, _ = _scaled_logits(tx, tb_ptr + side_offset + colT_offs, colT_mask, rtx, rty, PRECISION, UPCAST)
             g = p_x + p_y - tl.exp(t - ts_x[:, None]) - tl.exp(t - ts_y[None, :])
         g = tl.where(valid, g * coef, 0.0)
@@ -197,7 +199,8 @@ def _softmax_kl_bwd_kernel(
         else:
             acc = _dot(h, tl.trans(yT), acc, PRECISION, UPCAST)
 
-    dx = acc * rx[:, None] - (qx * gs)[:, None] * x.to(tl.float32)
+    x = tl.load(x_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0).to(tl.float32)
+    dx = acc * rx[:, None] - (qx * gs)[:, None] * x
     tl.store(dx_ptr + side_offset + row_tile_offs, dx.to(dx_ptr.dtype.element_ty), mask=row_tile_mask)
 
 

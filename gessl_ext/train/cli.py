@@ -59,8 +59,6 @@ def train_main(argv: list[str] | None = None) -> int:
         given = vars(train_parser().parse_args(argv))
         cfg = resolve(given)
         metrics = run_training(cfg)
-        final = metrics["final"]
-        print(report.eval_line(final))
         print(f"{metrics['steps']} steps in {metrics['train_seconds']:.1f} s of training "
               f"({metrics['steps_per_second']:.3g} steps/s, augmentation {100 * metrics['augmentation_share']:.1f}% "
               f"of it), {metrics['wall_clock_seconds']:.1f} s in all; results in {cfg['out']}/metrics.json")

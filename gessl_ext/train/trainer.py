@@ -265,7 +265,7 @@ def run_training(cfg: dict) -> dict:
         return report.build_metrics(cfg, run, finished)
 
     if cfg["eval_initial"] and not run.state["history"] and run.state["epoch"] == 0:
-        run.evaluate(0)
+        print(report.eval_line(run.evaluate(0)))
         report.write_json(out / "metrics.json", metrics(False))
 
     from tqdm import tqdm
@@ -296,17 +296,16 @@ def run_training(cfg: dict) -> dict:
                 cfg["time_budget"] is not None and run.state["train_seconds"] >= cfg["time_budget"])
             if last or (cfg["eval_every"] and run.state["epoch"] % cfg["eval_every"] == 0):
                 entry = run.evaluate(run.state["epoch"])
-                bar.write(report.eval_line(entry))
+                bar.write(report.eval_line(entry), file=sys.stdout)
                 report.write_json(out / "metrics.json", metrics(False))
             run.save_checkpoint()
             if last:
                 break
     bar.close()
     if stopped_early:
-        entry = run.evaluate(run.state["epoch"] + done_in_epoch / run.steps_per_epoch)
-        print(report.eval_line(entry), file=sys.stderr)
+        print(report.eval_line(run.evaluate(run.state["epoch"] + done_in_epoch / run.steps_per_epoch)))
     elif not run.state["history"] or run.state["history"][-1]["step"] != run.state["global_step"]:
-        run.evaluate(run.state["epoch"])
+        print(report.eval_line(run.evaluate(run.state["epoch"])))
     final = metrics(True)
     report.write_json(out / "metrics.json", final)
     report.plot_run(out, final, report.read_jsonl(log_path))

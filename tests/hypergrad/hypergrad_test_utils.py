@@ -11,7 +11,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, hessian, vmap
+from torch.func import functional_call, vmap
 
 from gessl_ext import GeSSLStep
 
@@ -132,20 +132,21 @@ def unrolled_reference(model: nn.Module, pair_loss, views: Tensor, inner_lr: flo
 
 def flat_ssl_hessian(model: nn.Module, objective, theta: Tensor, x1: Tensor, x2: Tensor) -> Tensor:
     """Dense ∇²ℓ(θ) [P, P] of ``objective(model, x1, x2)`` as a function of the flat parameters θ [P]
-    (ordered like ``model.parameters()``); BatchNorm layers use batch statistics."""
+    (ordered like ``model.parameters()``), row by row with plain double-backward autograd; BatchNorm layers
+    use batch statistics. (Not torch.func.hessian: in torch 2.14 its vmap over directions gets train-mode
+    BatchNorm's second derivative wrong by ~1e-2.)"""
     model = copy.deepcopy(model)
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.track_running_stats = False
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
-
-    def loss(flat):
-        chunks = torch.split(flat, [s.numel() for s in shapes])
-        params = {n: c.reshape(s) for n, c, s in zip(names, chunks, shapes)}
-        return objective(lambda x: functional_call(model, params, (x,)), x1, x2)
-
-    return hessian(loss)(theta)
+    theta = theta.detach().requires_grad_()
+    chunks = torch.split(theta, [s.numel() for s in shapes])
+    params = {n: c.reshape(s) for n, c, s in zip(names, chunks, shapes)}
+    loss = objective(lambda x: functional_call(model, params, (x,)), x1, x2)
+    (gradient,) = torch.autograd.grad(loss, theta, create_graph=True)
+    return torch.stack([torch.autograd.grad(g, theta, retain_graph=True)[0] for g in gradient])
 
 
 # --- running GeSSLStep -----------------------------------------------------------------------------
@@ -174,9 +175,3 @@ def smooth_mlp(in_dim: int = 6, hidden: int = 10, out_dim: int = 5, batchnorm: b
     norm = [nn.BatchNorm1d(hidden)] if batchnorm else []
     return nn.Sequential(nn.Linear(in_dim, hidden), *norm, nn.Tanh(), nn.Linear(hidden, hidden), nn.SiLU(),
                          nn.Linear(hidden, out_dim)).double()
-
-
-def relu_maxpool_convnet() -> nn.Module:
-    """conv(1→8) → ReLU → conv(8→16) → ReLU → 2×2 max-pool → linear(144→16), for 10×10 inputs (float64)."""
-    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(16 * 3 * 3, 16)).double()

@@ -19,9 +19,7 @@ import pytest
 import torch
 
 from peak_rss import measure_in_subprocess
-from workloads import SIMCLR_TEMPERATURE, Workload, build, plain_pass, quick_mode
-
-from gessl_ext import losses
+from workloads import Workload, build, quick_mode, warm_up
 
 CPU_THREADS = 2
 CONVNET_32 = Workload("convnet", 1, 28, num_tasks=8, task_size=32)
@@ -42,20 +40,20 @@ PLAIN_ROUNDS = {CONVNET_32: 10, CONVNET_128: 5, RESNET18_16: 3}
 TARGETS = {(CONVNET_32, "fd"), (CONVNET_128, "fd"), (RESNET18_16, "fd")}
 
 
-def _step_params():
-    for workload, method, rounds, variants in STEP_CASES:
-        marks = [pytest.mark.target] if (workload, method) in TARGETS else []
-        for variant in (*variants, "baseline"):
-            implementation = "baseline" if variant == "baseline" else "gessl"
-            yield pytest.param(workload, method, rounds, implementation, variant, marks=marks,
-                               id=f"{workload.name}-{method}-{variant}")
-
-
-def _plain_params():
-    for workload, rounds in PLAIN_ROUNDS.items():
+def _params():
+    """Per workload: its plain passes first, then its steps, so the ratios compare neighbouring measurements."""
+    for workload, plain_rounds in PLAIN_ROUNDS.items():
         for implementation in ("plain_tasks", "plain_union"):
-            yield pytest.param(workload, rounds, implementation, marks=[pytest.mark.target],
-                               id=f"{workload.name}-{implementation}")
+            yield pytest.param(workload, "plain", plain_rounds, implementation, implementation,
+                               marks=[pytest.mark.target], id=f"{workload.name}-{implementation}")
+        for case_workload, method, rounds, variants in STEP_CASES:
+            if case_workload != workload:
+                continue
+            marks = [pytest.mark.target] if (workload, method) in TARGETS else []
+            for variant in (*variants, "baseline"):
+                implementation = "baseline" if variant == "baseline" else "gessl"
+                yield pytest.param(workload, method, rounds, implementation, variant, marks=marks,
+                                   id=f"{workload.name}-{method}-{variant}")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,9 +73,9 @@ def _measure(benchmark, quick, workload, implementation, method, rounds, variant
     """Time ``rounds`` units of work (wall and process CPU time); record peak RSS when benchmarking."""
     if quick:
         workload, rounds = workload.quick(), 1
+    warm_up(workload, implementation, method, **options)
     model, run = build(workload, implementation, method, **options)
     views = workload.views()
-    plain_pass(model, losses.SimCLR(SIMCLR_TEMPERATURE), views[0, 0], views[0, 1])  # one-time oneDNN set-up
     cpu_times = []
 
     def timed():
@@ -97,12 +95,7 @@ def _measure(benchmark, quick, workload, implementation, method, rounds, variant
         benchmark.extra_info.update(measure_in_subprocess(workload, implementation, method, CPU_THREADS, **options))
 
 
-@pytest.mark.parametrize("workload,method,rounds,implementation,variant", list(_step_params()))
-def test_step(benchmark, quick, workload, method, rounds, implementation, variant):
-    options = GESSL_VARIANTS[variant] if implementation == "gessl" else {}
+@pytest.mark.parametrize("workload,method,rounds,implementation,variant", list(_params()))
+def test_cpu(benchmark, quick, workload, method, rounds, implementation, variant):
+    options = GESSL_VARIANTS.get(variant, {}) if implementation == "gessl" else {}
     _measure(benchmark, quick, workload, implementation, method, rounds, variant, **options)
-
-
-@pytest.mark.parametrize("workload,rounds,implementation", list(_plain_params()))
-def test_plain(benchmark, quick, workload, rounds, implementation):
-    _measure(benchmark, quick, workload, implementation, "plain", rounds, implementation)

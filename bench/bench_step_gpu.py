@@ -17,6 +17,7 @@ BENCH_GPU_ON_CPU=1 with --quick runs the same code on the CPU (a check of the su
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import time
@@ -113,8 +114,27 @@ def quick(request):
     return quick_mode(request.config)
 
 
-def _measure(benchmark, workload, model, run, *, implementation, method, precision, variant):
-    """Time ``run(views)`` (synchronised; rounds sized to ~TIME_PER_BENCHMARK_S) and record its peak memory."""
+def _measure(benchmark, workload, make, *, implementation, method, precision, variant):
+    """Time ``run(views)`` for ``(model, run) = make()`` (synchronised; rounds sized to ~TIME_PER_BENCHMARK_S)
+    and record the peak memory of one more call. Out of GPU memory → skipped with the message (a result too)."""
+    try:
+        with precision_settings(precision):
+            _time_and_peak(benchmark, f"{workload.name} {method} {precision}", workload, *make())
+    except torch.cuda.OutOfMemoryError as error:
+        message = str(error).splitlines()[0]
+    else:
+        benchmark.extra_info.update(
+            suite="gpu", workload=workload.name, method=method, precision=precision, implementation=implementation,
+            variant=variant, passes=workload.ideal_passes, torch=torch.__version__,
+            device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (suite check)",
+        )
+        return
+    gc.collect()  # the failed call's tensors are unreachable once the except block has ended
+    torch.cuda.empty_cache()
+    pytest.skip(f"out of GPU memory: {message}")
+
+
+def _time_and_peak(benchmark, group, workload, model, run):
     views = workload.views(DEVICE)
 
     def timed():
@@ -124,30 +144,25 @@ def _measure(benchmark, workload, model, run, *, implementation, method, precisi
     def clear_grads():
         model.zero_grad(set_to_none=True)
 
-    with precision_settings(precision):
-        for _ in range(2):  # cudnn autotuning, compilation, allocator warm-up
-            clear_grads()
-            timed()
+    for _ in range(2):  # cudnn autotuning, compilation, allocator warm-up
         clear_grads()
-        start = time.perf_counter()
         timed()
-        rounds = min(30, max(3, math.ceil(TIME_PER_BENCHMARK_S / (time.perf_counter() - start))))
-        benchmark.group = f"{workload.name} {method} {precision}"
-        benchmark.pedantic(timed, setup=clear_grads, rounds=rounds)
-        peak = step_peak_memory_mib(model, run, views)
-    benchmark.extra_info.update(
-        suite="gpu", workload=workload.name, method=method, precision=precision, implementation=implementation,
-        variant=variant, passes=workload.ideal_passes, peak_gpu_mib=peak, torch=torch.__version__,
-        device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (suite check)",
-    )
+    clear_grads()
+    start = time.perf_counter()
+    timed()
+    rounds = min(30, max(3, math.ceil(TIME_PER_BENCHMARK_S / (time.perf_counter() - start))))
+    benchmark.group = group
+    benchmark.pedantic(timed, setup=clear_grads, rounds=rounds)
+    benchmark.extra_info["peak_gpu_mib"] = step_peak_memory_mib(model, run, views)
 
 
 @pytest.mark.parametrize("workload,method,precision,implementation", list(_step_params()))
 def test_step(benchmark, quick, workload, method, precision, implementation):
     target = _is_target(workload, method, implementation)
     workload = workload.quick() if quick else workload
-    model, run = build(workload, implementation, method, DEVICE, autocast_dtype=PRECISIONS[precision])
-    _measure(benchmark, workload, model, run, implementation=implementation, method=method, precision=precision,
+    _measure(benchmark, workload,
+             lambda: build(workload, implementation, method, DEVICE, autocast_dtype=PRECISIONS[precision]),
+             implementation=implementation, method=method, precision=precision,
              variant="default" if implementation == "gessl" else implementation)
     if implementation == "gessl" and precision == "bf16" and (target or quick):
         reference = flat_hypergradient(workload, method, "fp32")
@@ -158,10 +173,10 @@ def test_step(benchmark, quick, workload, method, precision, implementation):
 @pytest.mark.parametrize("workload,precision", list(_plain_params()))
 def test_plain_union(benchmark, quick, workload, precision):
     workload = workload.quick() if quick else workload
-    model, run = build(workload, "plain_union", "fd", DEVICE, autocast_dtype=PRECISIONS[precision],
-                       channels_last=True)
-    _measure(benchmark, workload, model, run, implementation="plain_union", method="plain", precision=precision,
-             variant="plain_union")
+    _measure(benchmark, workload,
+             lambda: build(workload, "plain_union", "fd", DEVICE, autocast_dtype=PRECISIONS[precision],
+                           channels_last=True),
+             implementation="plain_union", method="plain", precision=precision, variant="plain_union")
 
 
 @pytest.mark.compile
@@ -169,12 +184,16 @@ def test_plain_union(benchmark, quick, workload, precision):
 def test_step_compiled(benchmark, quick, precision):
     """torch.compile of the whole default step (ResNet-18, N = 32, fd); skipped, with the reason, if it fails."""
     workload = resnet18(32).quick() if quick else resnet18(32)
-    model, step = build(workload, "gessl", "fd", DEVICE, autocast_dtype=PRECISIONS[precision])
-    compiled = torch.compile(step)
+
+    def make():
+        model, step = build(workload, "gessl", "fd", DEVICE, autocast_dtype=PRECISIONS[precision])
+        return model, torch.compile(step)
+
     try:
         with precision_settings(precision):
+            model, compiled = make()
             compiled(workload.views(DEVICE))
     except Exception as error:  # the reason is reported in the skip message
         pytest.skip(f"torch.compile of GeSSLStep failed: {type(error).__name__}: {str(error)[:300]}")
-    _measure(benchmark, workload, model, compiled, implementation="gessl", method="fd", precision=precision,
-             variant="compiled")
+    _measure(benchmark, workload, lambda: (model, compiled), implementation="gessl", method="fd",
+             precision=precision, variant="compiled")

@@ -109,3 +109,26 @@ done
 stage tests_full 600 "$PY" -m pytest tests -q -rs -p no:cacheprovider --junitxml="$OUT/tests_full.xml"
 
 echo "total $(( $(date +%s) - START )) s" | tee -a "$OUT/summary.txt"
+
+# --- GeSSL step suites (issue 5; bench/bench_step_gpu.py, owned by the bench helper) -------------------------
+# Targets first (ResNet-18, N = 32, fd in tf32/bf16 against the baseline and the ideal, itd's memory, the bf16
+# hypergradient error), then torch.compile, then the rest of the sweep with whatever time is left. The inner
+# `timeout --signal=INT` stops pytest gracefully before the stage's own limit, so the JSON of the benchmarks
+# that finished is still written; bench/make_results.py turns the JSON into RESULTS.md's GPU table.
+step_suite() {  # step_suite NAME CAP_SECONDS PYTEST_MARK_EXPRESSION
+  local name=$1 cap=$2 mark=$3 left
+  left=$(( BUDGET - ($(date +%s) - START) ))
+  (( left < cap )) && cap=$left
+  if (( cap < 60 )); then
+    echo "$name: skipped (time budget spent)" | tee -a "$OUT/summary.txt"
+    return
+  fi
+  stage "$name" "$cap" timeout --signal=INT $(( cap - 20 )) "$PY" -m pytest bench/bench_step_gpu.py -m "$mark" -v \
+    -p no:cacheprovider --benchmark-json="$OUT/$name.json" --benchmark-columns=min,median,max,rounds
+}
+step_suite bench_step_gpu_targets 300 "target and not compile"
+step_suite bench_step_gpu_compile 180 "compile"
+step_suite bench_step_gpu_sweep 600 "not target and not compile"
+ls "$OUT"/bench_step_gpu_*.json > /dev/null 2>&1 && \
+  "$PY" bench/make_results.py "$OUT"/bench_step_gpu_*.json > "$OUT/bench_step_gpu_tables.md" 2>&1
+echo "total with the step suites $(( $(date +%s) - START )) s" | tee -a "$OUT/summary.txt"

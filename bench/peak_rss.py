@@ -5,8 +5,8 @@ kernel's high-water mark VmHWM to the current RSS), read VmRSS, run one unit of 
 ``step_peak_mib`` = VmHWM − VmRSS before = the extra resident memory the work needed at its peak
 (activations, graphs, gradients, parameter copies, allocator slack), sampled by the kernel on every
 page fault, so short-lived peaks count. A fresh process per measurement keeps freed-but-cached heap
-of earlier benchmarks out of the number. It is the first call in that process, so one-time
-allocations (oneDNN primitives) are included — the same way for every implementation.
+of earlier benchmarks out of the number; one unit of work on the workload's quick (tiny) version runs
+first, so lazy imports (torch.func's first call imports torch._dynamo, ~100 MiB) are not counted.
 
 Usage: ``python bench/peak_rss.py '{"workload": {...}, "implementation": "gessl", "method": "fd"}'``
 prints a JSON object; :func:`measure_in_subprocess` does that from Python.
@@ -65,11 +65,12 @@ def measure_in_subprocess(workload, implementation: str, method: str = "fd", thr
 def main(argv) -> None:
     import torch
 
-    from workloads import Workload, build
+    from workloads import Workload, build, warm_up
 
     request = json.loads(argv[0])
     torch.set_num_threads(request["threads"])
     workload = Workload(**request["workload"])
+    warm_up(workload, request["implementation"], request["method"], **request["gessl_options"])
     _, run = build(workload, request["implementation"], request["method"], **request["gessl_options"])
     views = workload.views()
     print(json.dumps(peak_of(lambda: run(views))))

@@ -108,3 +108,11 @@ def build(workload: Workload, implementation: str, method: str = "fd", device="c
                 x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
             plain_pass(model, objective, x1, x2, autocast_dtype)
     return model, run
+
+
+def warm_up(workload: Workload, implementation: str, method: str = "fd", device="cpu", **options) -> None:
+    """One unit of work on ``workload.quick()``: the lazy imports and one-time set-up of an implementation
+    (torch.func's first call imports torch._dynamo) stay out of the measured calls."""
+    small = workload.quick()
+    _, run = build(small, implementation, method, device, **options)
+    run(small.views(device))

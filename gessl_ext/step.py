@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .distributed import gather_views, reduce_across_ranks, task_local_batchnorm
 from .head import PairHead, outer_kl
 from .hypergrad import HYPERGRADIENTS, HypergradConfig
-from .distributed import gather_views, reduce_across_ranks, task_local_batchnorm
 from .losses import SSLObjective, as_objective
 from .tasks import TaskModel, TaskProblem, fold_running_stats, per_task_copies, run_tasks
 

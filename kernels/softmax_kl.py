@@ -152,12 +152,14 @@ def _softmax_kl_bwd_kernel(
     row_tile_offs = rows[:, None] * D + d_offs[None, :]
     row_tile_mask = row_mask[:, None] & d_mask[None, :]
 
+    x = tl.load(x_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0)
     rx = tl.load(rx_ptr + b * N + rows, mask=row_mask, other=0.0) * inv_tau
     qx = tl.load(qx_ptr + b * N + rows, mask=row_mask, other=0.0)
     lse_x = tl.load(lse_x_ptr + b * stat_stride_b + rows, mask=row_mask, other=0.0)
     ts_x = tl.load(ts_x_ptr + b * stat_stride_b + rows, mask=row_mask, other=0.0)
     coef = tl.load(coef_ptr + b)
     if not TARGET_IS_LOGP:
+        tx = tl.load(ta_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0)
         rtx = tl.load(rta_ptr + b * N + rows, mask=row_mask, other=0.0) * inv_tau
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # sum_k G_ik ry_k y_k
@@ -171,7 +173,6 @@ def _softmax_kl_bwd_kernel(
         ry = tl.load(ry_ptr + b * N + cols, mask=col_mask, other=0.0)
         lse_y = tl.load(lse_y_ptr + b * stat_stride_b + cols, mask=col_mask, other=0.0)
         ts_y = tl.load(ts_y_ptr + b * stat_stride_b + cols, mask=col_mask, other=0.0)
-        x = tl.load(x_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0)
         s, yT = _scaled_logits(x, y_ptr + side_offset + colT_offs, colT_mask, rx, ry, PRECISION, UPCAST)
         p_x = tl.exp(s - lse_x[:, None])
         p_y = tl.exp(s - lse_y[None, :])
@@ -183,7 +184,6 @@ def _softmax_kl_bwd_kernel(
             g = p_x * ts_x[:, None] + p_y * ts_y[None, :] - tl.exp(logp_x) - tl.exp(logp_y)
         else:
             rty = tl.load(rtb_ptr + b * N + cols, mask=col_mask, other=0.0)
-            tx = tl.load(ta_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0)
             t, _ = _scaled_logits(tx, tb_ptr + side_offset + colT_offs, colT_mask, rtx, rty, PRECISION, UPCAST)
             g = p_x + p_y - tl.exp(t - ts_x[:, None]) - tl.exp(t - ts_y[None, :])
         g = tl.where(valid, g * coef, 0.0)
@@ -199,20 +199,25 @@ def _softmax_kl_bwd_kernel(
         else:
             acc = _dot(h, tl.trans(yT), acc, PRECISION, UPCAST)
 
-    x = tl.load(x_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0).to(tl.float32)
-    dx = acc * rx[:, None] - (qx * gs)[:, None] * x
+    dx = acc * rx[:, None] - (qx * gs)[:, None] * x.to(tl.float32)
     tl.store(dx_ptr + side_offset + row_tile_offs, dx.to(dx_ptr.dtype.element_ty), mask=row_tile_mask)
 
 
-def _tile_config(block_d):
-    """(BLOCK_M, BLOCK_N, num_warps) for a padded feature width; smaller tiles as rows get wider."""
-    if block_d <= 64:
-        return 64, 64, 4
-    if block_d <= 128:
-        return 64, 64, 8
-    if block_d <= 256:
-        return 32, 32, 8
-    return 16, 16, 8
+# BLOCK_D (padded feature width) -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for
+# (forward, half-width inputs), (forward, fp32), (backward, half-width), (backward, fp32).
+# Chosen by compiling every kernel variant for sm_90 with Triton's AOT compiler (no GPU here): at most
+# 164 KB of shared memory (fits sm_80 and sm_90) and the fewest register spills. Not yet timed on a GPU.
+_TILES = {
+    64: ((64, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)),
+    128: ((64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 2)),
+    256: ((32, 32, 8, 2), (16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
+    512: ((16, 16, 8, 2), (16, 16, 4, 1), (16, 16, 8, 2), (16, 16, 4, 1)),
+}
+MAX_FEATURES = max(_TILES)  # wider rows do not fit the tiles above; the op layer uses PyTorch for them
+
+
+def _tile_config(block_d, half_width, backward):
+    return _TILES[max(block_d, min(_TILES))][2 * backward + (0 if half_width else 1)]
 
 
 def _dot_precision(device):
@@ -250,15 +255,19 @@ def _on_device_of(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _launch_geometry(z1):
+def _launch_geometry(z1, t1, backward):
+    """Grid and meta-parameters; t1: target embeddings or None (log-probability target)."""
     batch, n, d = z1.shape
     block_d = max(16, triton.next_power_of_2(d))
-    block_m, block_n, num_warps = _tile_config(block_d)
+    if block_d > MAX_FEATURES:
+        raise ValueError(f"feature width d = {d} exceeds the kernels' limit of {MAX_FEATURES}")
+    half_width = z1.element_size() < 4 and (t1 is None or t1.element_size() < 4)
+    block_m, block_n, num_warps, num_stages = _tile_config(block_d, half_width, backward)
     grid = (triton.cdiv(n, block_m), batch)
     # Off CUDA the kernels run in Triton's interpreter, whose tl.dot multiplies bf16/fp16 bit patterns
     # as integers (triton 3.8): there the operands are upcast to fp32 first, which gives the same products.
     meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_dot_precision(z1.device),
-                UPCAST=z1.device.type != "cuda", num_warps=num_warps)
+                UPCAST=z1.device.type != "cuda", num_warps=num_warps, num_stages=num_stages)
     return grid, meta
 
 
@@ -285,7 +294,7 @@ def softmax_kl_forward(z1, z2, temperature, norm_eps, target_logp=None, t1=None,
     t1, t2 = (None, None) if target_logp is not None else (t1.contiguous(), t2.contiguous())
     batch, n, d = z1.shape
     kl_rows, lse, target_stat = (torch.full((batch, 2, n), float("nan"), device=z1.device) for _ in range(3))
-    grid, meta = _launch_geometry(z1)
+    grid, meta = _launch_geometry(z1, t1, backward=False)
     with _on_device_of(z1):
         for direction, (x, y, rx, ry, _, ta, tb, rta, rtb) in enumerate(
                 _sides(z1, z2, target_logp, t1, t2, norm_eps)):
@@ -305,7 +314,7 @@ def softmax_kl_backward(grad_loss, z1, z2, temperature, norm_eps, lse, target_st
     batch, n, d = z1.shape
     lse, target_stat = lse.float().contiguous(), target_stat.float().contiguous()
     coef = (grad_loss.float() / (2 * n)).contiguous()
-    grid, meta = _launch_geometry(z1)
+    grid, meta = _launch_geometry(z1, t1, backward=True)
     grads = []
     with _on_device_of(z1):
         for direction, (x, y, rx, ry, qx, ta, tb, rta, rtb) in enumerate(

@@ -98,7 +98,8 @@ def _reference_backward(grad_loss, z1, z2, target_logp, t1, t2, temperature, lse
 def _triton_launcher(z1, t1):
     """The Triton kernel module when it can take these inputs (t1: target embeddings or None), else None."""
     kernel, _ = triton_kernel("softmax_kl")
-    if kernel is None or z1.numel() == 0 or math.prod(z1.shape[:-2]) > kernel.MAX_TASKS:
+    if kernel is None or z1.numel() == 0 or math.prod(z1.shape[:-2]) > kernel.MAX_TASKS \
+            or z1.shape[-1] > kernel.MAX_FEATURES:
         return None
     if any(t is not None and t.dtype not in kernel.SUPPORTED_DTYPES for t in (z1, t1)):
         return None

@@ -55,10 +55,7 @@ def test_loop_and_vmap_task_batching_give_the_same_hypergradient(method):
     views = torch.randn(3, 2, 5, 6, dtype=torch.float64)
     looped, looped_out = step_hypergradient(model, views, SIMCLR, hypergrad=method, task_batching="loop", **STEP)
     batched, batched_out = step_hypergradient(model, views, SIMCLR, hypergrad=method, task_batching="vmap", **STEP)
-    chunked, _ = step_hypergradient(model, views, SIMCLR, hypergrad=method, task_batching="vmap", task_chunk_size=2,
-                                    **STEP)
-    assert rel_err(batched.detach(), looped.detach()) < 1e-12
-    assert rel_err(chunked.detach(), looped.detach()) < 1e-12
+    assert rel_err(batched, looped) < 1e-12
     assert rel_err(batched_out.kl, looped_out.kl) < 1e-12
 
 

@@ -1,7 +1,7 @@
 """Benchmarks of the custom ops against their eager PyTorch references (pytest-benchmark, not timed tests).
 
     pytest bench/bench_ops.py --benchmark-json=ops.json        # full sizes on CUDA, small CPU variants
-    pytest bench/bench_ops.py -k cpu --benchmark-disable       # CI smoke run: every benchmark once
+    pytest bench/bench_ops.py --quick --benchmark-disable      # CI smoke run (also shrinks the CUDA cases)
 
 * Head (``softmax_kl_from_embeddings`` forward + backward) at M = 8 tasks, N in {32, 256, 4096},
   d = 128, fp32 and bf16: the fused Triton op vs the eager reference. ``extra_info`` holds the peak
@@ -11,10 +11,12 @@
   parameter rows (P = 25,557,032; 1 task and 8 tasks): the CUDA kernels vs the references, with the
   bytes each op must move at least, the achieved GB/s, and the fraction of the copy bandwidth
   (``dst.copy_(src)``, 2 bytes moved per byte copied) measured in the same run.
-CPU variants use small sizes so the file stays alive where there is no GPU.
+CPU variants use small sizes so the file stays alive where there is no GPU. The CUDA cases are the
+configurations issue 3 states its targets for (marker ``target``).
 """
 import pytest
 import torch
+from workloads import quick_mode
 
 from gessl_ext import ops
 
@@ -44,14 +46,17 @@ def _peak_extra_bytes(fn, device):
     return torch.cuda.max_memory_allocated() - before
 
 
-HEAD_CASES = [pytest.param("cuda", n, dtype, marks=requires_cuda, id=f"cuda-N{n}-{str(dtype)[6:]}")
+HEAD_CASES = [pytest.param("cuda", n, dtype, marks=[requires_cuda, pytest.mark.target],
+                           id=f"cuda-N{n}-{str(dtype)[6:]}")
               for n in (32, 256, 4096) for dtype in (torch.float32, torch.bfloat16)]
 HEAD_CASES.append(pytest.param("cpu", 32, torch.float32, id="cpu-N32-float32"))
 
 
 @pytest.mark.parametrize("device,n,dtype", HEAD_CASES)
 @pytest.mark.parametrize("impl", ["eager", "fused"])
-def test_head_forward_backward(benchmark, impl, device, n, dtype):
+def test_head_forward_backward(benchmark, request, impl, device, n, dtype):
+    if quick_mode(request.config) and n > 256:
+        pytest.skip("--quick: N <= 256")
     tasks, dim = (HEAD_TASKS, HEAD_DIM) if device == "cuda" else (2, 16)
     generator = torch.Generator(device).manual_seed(0)
     z1, z2, t1, t2 = (torch.randn(tasks, n, dim, generator=generator, device=device).to(dtype) for _ in range(4))
@@ -87,8 +92,10 @@ def test_head_forward_backward(benchmark, impl, device, n, dtype):
         assert peak < tasks * n * n * 4 / 8, f"fused head allocated {peak} bytes: looks like an N x N buffer"
 
 
-def _row_length(device):
-    return RESNET50_PARAMS if device == "cuda" else 100_000
+def _row_length(device, quick):
+    if device != "cuda":
+        return 100_000
+    return 1 << 20 if quick else RESNET50_PARAMS
 
 
 # op name -> (minimal bytes moved per element of one [rows, P] operand, in units of the element size)
@@ -110,11 +117,11 @@ def _bandwidth_call(op, impl, tensors):
 
 
 @pytest.fixture(scope="module")
-def copy_bandwidth():
-    """{device: bytes/s of dst.copy_(src)} over one ResNet-50-sized fp32 row set, best of several runs."""
+def copy_bandwidth(request):
+    """{device: bytes/s of dst.copy_(src)} over the largest fp32 row set benchmarked, best of several runs."""
     measured = {}
     for device in ("cuda",) if CUDA else ():
-        src = torch.randn(8 * RESNET50_PARAMS, device=device)
+        src = torch.randn(8 * _row_length(device, quick_mode(request.config)), device=device)
         dst = torch.empty_like(src)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         best = float("inf")
@@ -128,17 +135,18 @@ def copy_bandwidth():
     return measured
 
 
-BANDWIDTH_CASES = [pytest.param("cuda", tasks, marks=requires_cuda, id=f"cuda-M{tasks}") for tasks in (1, 8)]
+BANDWIDTH_CASES = [pytest.param("cuda", tasks, marks=[requires_cuda, pytest.mark.target], id=f"cuda-M{tasks}")
+                   for tasks in (1, 8)]
 BANDWIDTH_CASES.append(pytest.param("cpu", 2, id="cpu-M2"))
 
 
 @pytest.mark.parametrize("device,tasks", BANDWIDTH_CASES)
 @pytest.mark.parametrize("impl", ["reference", "kernel"])
 @pytest.mark.parametrize("op", list(BANDWIDTH_OPS))
-def test_bandwidth(benchmark, copy_bandwidth, op, impl, device, tasks):
+def test_bandwidth(benchmark, request, copy_bandwidth, op, impl, device, tasks):
     if op == "copy" and impl == "reference":
         pytest.skip("copy has a single implementation")
-    p = _row_length(device)
+    p = _row_length(device, quick_mode(request.config))
     generator = torch.Generator(device).manual_seed(0)
     theta, u, g_plus, g_minus = (torch.randn(tasks, p, generator=generator, device=device) for _ in range(4))
     eps = torch.full((tasks,), 1e-3, device=device)

@@ -128,7 +128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_perturb_cuda(const at::Tensor&
     scalar_t* minus_ptr = theta_minus.mutable_data_ptr<scalar_t>();
     with_pack_width<scalar_t>(cols, {theta_ptr, u_ptr, plus_ptr, minus_ptr}, [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
-      const int bpr = blocks_per_row(rows, cols, VEC);
+      // Both passes share the partials layout; size them for the heavier second pass.
+      const int bpr = blocks_per_row(fd_perturb_apply_kernel<scalar_t, VEC>, rows, cols, VEC);
       at::Tensor partials = at::empty({rows * bpr}, theta.options().dtype(acc_dtype));
       const auto grid = static_cast<unsigned int>(rows * bpr);
       row_sumsq_partials_kernel<scalar_t, VEC>
@@ -172,7 +173,7 @@ at::Tensor fd_update_cuda(const at::Tensor& u_in, const at::Tensor& g_plus_in, c
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     with_pack_width<scalar_t>(cols, {u_ptr, plus_ptr, minus_ptr, out_ptr}, [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
-      const int bpr = blocks_per_row(rows, cols, VEC);
+      const int bpr = blocks_per_row(fd_update_kernel<scalar_t, VEC>, rows, cols, VEC);
       fd_update_kernel<scalar_t, VEC><<<static_cast<unsigned int>(rows * bpr), kThreads, 0, stream>>>(
           u_ptr, plus_ptr, minus_ptr, eps.const_data_ptr<acc_t>(), cols, bpr, static_cast<acc_t>(alpha), out_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -49,13 +49,18 @@ inline bool rows_are_packable(int64_t cols, int vec, std::initializer_list<const
   return true;
 }
 
-// Blocks per row: enough blocks in total to fill the device several times over, never more than
-// the row has packs for, and at most kMaxBlocksPerRow.
-inline int blocks_per_row(int64_t rows, int64_t cols, int vec) {
+// Blocks per row for `kernel` launched with kThreads threads: together the rows fill exactly one wave
+// of resident blocks (every block grid-strides over its share of the row, so a partial second wave
+// would leave the device idle), a row never gets more blocks than it has packs for, and at most
+// kMaxBlocksPerRow.
+template <typename Kernel>
+int blocks_per_row(Kernel kernel, int64_t rows, int64_t cols, int vec) {
   int sm_count = 0;
+  int resident_per_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int64_t sms = sm_count;
-  const int64_t wanted = std::max<int64_t>(1, sms * 8 / std::max<int64_t>(rows, 1));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident_per_sm, kernel, kThreads, 0));
+  const int64_t one_wave = int64_t{sm_count} * std::max(resident_per_sm, 1);
+  const int64_t wanted = std::max<int64_t>(1, one_wave / std::max<int64_t>(rows, 1));
   const int64_t packs = cols / vec;
   const int64_t useful = std::max<int64_t>(1, (packs + kThreads - 1) / kThreads);
   return static_cast<int>(std::min<int64_t>({wanted, useful, int64_t{kMaxBlocksPerRow}}));

@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> task_sgd_cuda(const at::Tensor& theta_in, con
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     with_pack_width<scalar_t>(cols, {theta_ptr, grad_ptr, out_ptr}, [&](auto vec_tag) {
       constexpr int VEC = decltype(vec_tag)::value;
-      const int bpr = blocks_per_row(rows, cols, VEC);
+      const int bpr = blocks_per_row(task_sgd_kernel<scalar_t, VEC, true>, rows, cols, VEC);
       const auto grid = static_cast<unsigned int>(rows * bpr);
       if (return_norm) {
         at::Tensor partials = at::empty({rows * bpr}, theta.options().dtype(acc_dtype));

@@ -206,7 +206,8 @@ def _softmax_kl_bwd_kernel(
 # BLOCK_D (padded feature width) -> (BLOCK_M, BLOCK_N, num_warps, num_stages) for
 # (forward, half-width inputs), (forward, fp32), (backward, half-width), (backward, fp32).
 # Chosen by compiling every kernel variant for sm_90 with Triton's AOT compiler (no GPU here): at most
-# 164 KB of shared memory (fits sm_80 and sm_90) and the fewest register spills. Not yet timed on a GPU.
+# 163 KB of shared memory (sm_80's limit; tests/ops/test_softmax_kl_compile.py checks it) and the fewest
+# register spills (fp32 with d > 256 still spills heavily). Not yet timed on a GPU.
 _TILES = {
     64: ((64, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2)),
     128: ((64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 2)),
@@ -234,7 +235,8 @@ def _inverse_norms(z, norm_eps):
     return inv, torch.where(norm > norm_eps, inv * inv, torch.zeros_like(inv))
 
 
-def _check_sides(z1, z2, target_logp, t1, t2):
+def _checked_contiguous(z1, z2, target_logp, t1, t2):
+    """Validates the launcher inputs; returns (z1, z2, t1, t2) contiguous (t1, t2 None for logp targets)."""
     if z1.dim() != 3 or z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must both be [B, N, D], got {tuple(z1.shape)} and {tuple(z2.shape)}")
     if z1.dtype not in SUPPORTED_DTYPES or z2.dtype != z1.dtype:
@@ -248,6 +250,9 @@ def _check_sides(z1, z2, target_logp, t1, t2):
         raise ValueError(f"target_logp must be [B, 2, N, N], got {tuple(target_logp.shape)}")
     if not 0 < z1.shape[0] <= MAX_TASKS:
         raise ValueError(f"B must be in [1, {MAX_TASKS}] (the second grid dimension), got {z1.shape[0]}")
+    if target_logp is not None:
+        return z1.contiguous(), z2.contiguous(), None, None
+    return z1.contiguous(), z2.contiguous(), t1.contiguous(), t2.contiguous()
 
 
 def _on_device_of(t):
@@ -289,9 +294,7 @@ def _sides(z1, z2, target_logp, t1, t2, norm_eps):
 def softmax_kl_forward(z1, z2, temperature, norm_eps, target_logp=None, t1=None, t2=None):
     """z1, z2 [B, N, D] (+ target_logp [B, 2, N, N] or t1, t2 [B, N, D]) ->
     (loss [B], lse [B, 2, N], target_stat [B, 2, N]), all fp32; row stats ordered (view-1 rows, view-2 rows)."""
-    _check_sides(z1, z2, target_logp, t1, t2)
-    z1, z2 = z1.contiguous(), z2.contiguous()
-    t1, t2 = (None, None) if target_logp is not None else (t1.contiguous(), t2.contiguous())
+    z1, z2, t1, t2 = _checked_contiguous(z1, z2, target_logp, t1, t2)
     batch, n, d = z1.shape
     kl_rows, lse, target_stat = (torch.full((batch, 2, n), float("nan"), device=z1.device) for _ in range(3))
     grid, meta = _launch_geometry(z1, t1, backward=False)
@@ -308,9 +311,7 @@ def softmax_kl_forward(z1, z2, temperature, norm_eps, target_logp=None, t1=None,
 def softmax_kl_backward(grad_loss, z1, z2, temperature, norm_eps, lse, target_stat, target_logp=None, t1=None,
                         t2=None):
     """grad_loss [B] and the forward's row stats -> (dz1, dz2) [B, N, D] in z1's dtype."""
-    _check_sides(z1, z2, target_logp, t1, t2)
-    z1, z2 = z1.contiguous(), z2.contiguous()
-    t1, t2 = (None, None) if target_logp is not None else (t1.contiguous(), t2.contiguous())
+    z1, z2, t1, t2 = _checked_contiguous(z1, z2, target_logp, t1, t2)
     batch, n, d = z1.shape
     lse, target_stat = lse.float().contiguous(), target_stat.float().contiguous()
     coef = (grad_loss.float() / (2 * n)).contiguous()

@@ -59,6 +59,8 @@ def train_main(argv: list[str] | None = None) -> int:
         given = vars(train_parser().parse_args(argv))
         cfg = resolve(given)
         metrics = run_training(cfg)
+        if not metrics:                           # a torchrun rank other than 0
+            return 0
         print(f"{metrics['steps']} steps in {metrics['train_seconds']:.1f} s of training "
               f"({metrics['steps_per_second']:.3g} steps/s, augmentation {100 * metrics['augmentation_share']:.1f}% "
               f"of it), {metrics['wall_clock_seconds']:.1f} s in all; results in {cfg['out']}/metrics.json")

@@ -122,12 +122,12 @@ QUICK = {
     "train_classes": "0-4",
     "fewshot_classes": "5-9",
     "train_subset": 1024,
-    "epochs": 3,
+    "epochs": 2,
     "tasks": 4,
     "task_size": 32,
-    "eval_train_size": 5000,
-    "eval_test_size": 2000,
-    "fewshot_episodes": 400,
+    "eval_train_size": 2000,
+    "eval_test_size": 1000,
+    "fewshot_episodes": 300,
     "eval_tasks": 8,
 }
 """``--quick``: the README's main job, a few minutes on a 2-core CPU with real accuracies."""

@@ -89,11 +89,16 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 class Run:
     """Everything a run needs, prepared and checked without writing anything."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, distributed: bool = False):
+        from gessl_ext import distributed as gdist
+
         self.wall_offset, self.wall_start = 0.0, time.perf_counter()
         self.cfg = cfg
         self.out = Path(cfg["out"])
-        self.device = resolve_device(cfg["device"])
+        self.distributed, self.main = distributed, gdist.is_main()
+        self.device = resolve_device(cfg["device"]) if not distributed or cfg["device"] == "cpu" else gdist.local_device()
+        if cfg["tasks"] % gdist.world_size():
+            raise ConfigError(f"--tasks {cfg['tasks']} must be a multiple of the {gdist.world_size()} ranks")
         self._check_out_folder()
         data = load_dataset(cfg["data"], cfg["data_dir"], cfg["image_size"], cfg["seed"])
         self.data = data
@@ -132,10 +137,12 @@ class Run:
                                   target_steps=cfg["target_steps"], hypergrad=cfg["hypergrad"],
                                   head_temperature=cfg["head_temperature"], fd_radius=cfg["fd_radius"],
                                   implicit_iters=cfg["implicit_iters"], task_batching=cfg["task_batching"],
-                                  task_chunk_size=cfg["task_chunk_size"], autocast_dtype=amp, warn_nonsmooth=False)
+                                  task_chunk_size=cfg["task_chunk_size"], autocast_dtype=amp, warn_nonsmooth=False,
+                                  process_group=torch.distributed.group.WORLD if distributed else None)
         else:
             self.step = PlainSSLStep(self.model, objective, amp)
         self.step.to(self.device)
+        gdist.broadcast_state(self.step)
         self.objective = self.step.ssl_loss
         self.params = [p for p in self.step.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(self.params, lr=cfg["lr"], momentum=cfg["momentum"],
@@ -192,6 +199,9 @@ class Run:
         for key in self.state:
             self.state[key] = ckpt["state"][key]
         self.wall_offset = ckpt["wall_seconds"]
+        from gessl_ext import distributed as gdist
+
+        gdist.broadcast_state(self.step)
 
     def lr_at(self, global_step: int) -> float:
         if self.cfg["lr_schedule"] == "cosine":
@@ -213,9 +223,13 @@ class Run:
         return entry
 
     def train_step(self, groups, generator) -> dict:
+        from gessl_ext import distributed as gdist
+
         cfg = self.cfg
         t0 = time.perf_counter()
-        views = self.sampler.views(groups, generator, self.device)
+        views = self.sampler.views(groups, generator, self.device)   # all M tasks, identical on every rank
+        if self.distributed:
+            views = gdist.shard_tasks(views)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
@@ -235,6 +249,7 @@ class Run:
         else:
             loss = self.step(views)
             record.update(loss=float(loss), ssl_loss=float(loss))
+            gdist.average_gradients(self.params)
             self.optimizer.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -249,59 +264,90 @@ class Run:
 
 
 def run_training(cfg: dict) -> dict:
-    """Run (or resume) one training run as configured; returns the metrics written to metrics.json."""
-    run = Run(cfg)
-    out = run.out
-    out.mkdir(parents=True, exist_ok=True)
-    report.write_yaml(out / "config.yaml", {k: v for k, v in cfg.items() if k != "resume"})
+    """Run (or resume) one training run as configured; returns the metrics written to metrics.json.
+
+    Under ``torchrun`` the M tasks of every step are sharded over the ranks (gessl_ext.distributed);
+    rank 0 alone evaluates and writes files; the metrics it returns are empty dicts on the other ranks.
+    """
+    from gessl_ext import distributed as gdist
+
+    owns_group = not gdist.is_initialized()
+    try:
+        distributed = gdist.init_from_env()
+    except ValueError as exc:
+        raise RunError(f"torchrun environment: {exc}") from None
+    try:
+        run = Run(cfg, distributed)
+        if distributed:
+            torch.distributed.barrier()           # every rank has checked --out before rank 0 writes
+        return _train(run)
+    finally:
+        if distributed and owns_group:
+            gdist.shutdown()
+
+
+def _train(run: Run) -> dict:
+    from gessl_ext import distributed as gdist
+
+    cfg, out, main = run.cfg, run.out, run.main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        report.write_yaml(out / "config.yaml", {k: v for k, v in cfg.items() if k != "resume"})
     log_path = out / "log.jsonl"
     if run.checkpoint is not None:
         run.restore()
-        report.truncate_jsonl(log_path, run.state["global_step"])
-    elif log_path.exists():
+        if main:
+            report.truncate_jsonl(log_path, run.state["global_step"])
+    elif main and log_path.exists():
         log_path.unlink()
 
     def metrics(finished: bool) -> dict:
         return report.build_metrics(cfg, run, finished)
 
-    if cfg["eval_initial"] and not run.state["history"] and run.state["epoch"] == 0:
+    if main and cfg["eval_initial"] and not run.state["history"] and run.state["epoch"] == 0:
         print(report.eval_line(run.evaluate(0)))
         report.write_json(out / "metrics.json", metrics(False))
 
     from tqdm import tqdm
 
     bar = tqdm(total=run.total_steps, initial=min(run.state["global_step"], run.total_steps), unit="step",
-               desc=f"{cfg['method']}{'+gessl' if cfg['gessl'] else ''}", disable=not cfg["progress"],
+               desc=f"{cfg['method']}{'+gessl' if cfg['gessl'] else ''}", disable=not (cfg["progress"] and main),
                dynamic_ncols=True, file=sys.stderr)
-    stopped_early = False
-    with open(log_path, "a") as log:
-        while run.state["epoch"] < cfg["epochs"] and not stopped_early:
-            epoch = run.state["epoch"]
-            generator = epoch_generator(cfg["seed"], epoch)
-            done_in_epoch = 0
-            for groups in run.sampler.epoch(generator):
-                record = run.train_step(groups, generator)
-                done_in_epoch += 1
+    budget_hit = stopped_early = False
+    log = open(log_path, "a") if main else None
+    while run.state["epoch"] < cfg["epochs"]:
+        epoch = run.state["epoch"]
+        generator = epoch_generator(cfg["seed"], epoch)
+        done_in_epoch = 0
+        for groups in run.sampler.epoch(generator):
+            record = run.train_step(groups, generator)
+            done_in_epoch += 1
+            if main:
                 log.write(json.dumps(record) + "\n")
-                bar.update(1)
-                bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "kl") if k in record}, refresh=False)
-                if cfg["time_budget"] is not None and run.state["train_seconds"] >= cfg["time_budget"]:
-                    stopped_early = done_in_epoch < run.steps_per_epoch
+            bar.update(1)
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "kl") if k in record}, refresh=False)
+            if cfg["time_budget"] is not None:   # the same decision on every rank
+                budget_hit = gdist.any_rank(run.state["train_seconds"] >= cfg["time_budget"], device=run.device)
+                if budget_hit:
                     break
+        if main:
             log.flush()
-            if stopped_early:
-                break
-            run.state["epoch"] = epoch + 1
-            last = run.state["epoch"] == cfg["epochs"] or (
-                cfg["time_budget"] is not None and run.state["train_seconds"] >= cfg["time_budget"])
-            if last or (cfg["eval_every"] and run.state["epoch"] % cfg["eval_every"] == 0):
-                entry = run.evaluate(run.state["epoch"])
-                bar.write(report.eval_line(entry), file=sys.stdout)
-                report.write_json(out / "metrics.json", metrics(False))
+        stopped_early = done_in_epoch < run.steps_per_epoch
+        if stopped_early:
+            break
+        run.state["epoch"] = epoch + 1
+        last = run.state["epoch"] == cfg["epochs"] or budget_hit
+        if main and (last or (cfg["eval_every"] and run.state["epoch"] % cfg["eval_every"] == 0)):
+            bar.write(report.eval_line(run.evaluate(run.state["epoch"])), file=sys.stdout)
+            report.write_json(out / "metrics.json", metrics(False))
+        if main:
             run.save_checkpoint()
-            if last:
-                break
+        if last:
+            break
     bar.close()
+    if not main:
+        return {}
+    log.close()
     if stopped_early:
         print(report.eval_line(run.evaluate(run.state["epoch"] + done_in_epoch / run.steps_per_epoch)))
     elif not run.state["history"] or run.state["history"][-1]["step"] != run.state["global_step"]:

@@ -2,10 +2,11 @@
 from . import distributed, hypergrad, losses
 from .head import PairHead
 from .hypergrad import HYPERGRADIENTS, register_hypergradient
+from .ops import kernels_info, kernels_summary
 from .sigma import sigma_measure
 from .step import GeSSLStep, NonSmoothModelWarning, StepOutput
 
 __version__ = "0.1.0"
 
 __all__ = ["GeSSLStep", "StepOutput", "NonSmoothModelWarning", "PairHead", "sigma_measure", "losses", "hypergrad", "distributed",
-           "HYPERGRADIENTS", "register_hypergradient"]
+           "HYPERGRADIENTS", "register_hypergradient", "kernels_info", "kernels_summary"]

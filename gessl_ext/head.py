@@ -50,9 +50,7 @@ def outer_kl(head, z1: Tensor, z2: Tensor, t1: Tensor, t2: Tensor, use_kernels: 
     if use_kernels and isinstance(head, PairHead) and z1.is_cuda:
         from . import ops
 
-        return ops.softmax_kl_from_embeddings(
-            z1.unsqueeze(0), z2.unsqueeze(0), t1.unsqueeze(0), t2.unsqueeze(0), head.temperature
-        )[0]
+        return ops.softmax_kl_from_embeddings(z1, z2, t1, t2, head.temperature)
     with torch.no_grad():
         target = head(t1, t2)
     return kl_from_log_probs(target, head(z1, z2))

@@ -150,11 +150,10 @@ class GeSSLStep(nn.Module):
             raise ValueError("the model (and objective) have no trainable parameters")
         self.head = head if head is not None else PairHead(head_temperature)
         self.hypergrad = hypergrad
-        self.config = HypergradConfig(float(inner_lr), inner_steps, float(fd_radius), implicit_iters)
+        self.config = HypergradConfig(float(inner_lr), inner_steps, float(fd_radius), implicit_iters, use_kernels)
         self.target_steps = target_steps
         self.task_batching = task_batching
         self.task_chunk_size = task_chunk_size
-        self.use_kernels = use_kernels
         self.process_group = process_group
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         if warn_nonsmooth and hypergrad == "fd":
@@ -209,7 +208,7 @@ class GeSSLStep(nn.Module):
         problem = TaskProblem(self.task_model, views[0], views[1], self.config.inner_lr, consts, plain_batchnorm)
         trajectory, ssl_loss = inner_loop(problem, theta, self.config.inner_steps, stats or None)
         target = self_motivated_target(problem, trajectory[-1], self.target_steps)
-        loss, outer_grad = outer_loss_and_grad(problem, trajectory[-1], target, self.head, self.use_kernels)
+        loss, outer_grad = outer_loss_and_grad(problem, trajectory[-1], target, self.head, self.config.use_kernels)
         hypergrad = HYPERGRADIENTS[self.hypergrad](problem, trajectory, outer_grad, self.config)
         return hypergrad.detach(), (loss.detach(), ssl_loss.detach(), stats)
 

@@ -23,6 +23,7 @@ class HypergradConfig:
     inner_steps: int
     fd_radius: float = 0.01
     implicit_iters: int = 5
+    use_kernels: bool = True
 
 
 HYPERGRADIENTS = {"itd": itd, "fd": fd, "hvp": hvp, "first_order": first_order, "neumann": neumann, "cg": cg}

@@ -93,6 +93,7 @@ class Run:
         from gessl_ext import distributed as gdist
 
         self.wall_offset, self.wall_start = 0.0, time.perf_counter()
+        self.cpu_offset, self.cpu_start = 0.0, time.process_time()
         self.cfg = cfg
         self.out = Path(cfg["out"])
         self.distributed, self.main = distributed, gdist.is_main()
@@ -149,13 +150,17 @@ class Run:
                                          weight_decay=cfg["weight_decay"])
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = cfg["epochs"] * self.steps_per_epoch
-        self.state = {"epoch": 0, "global_step": 0, "train_seconds": 0.0, "aug_seconds": 0.0,
-                      "step_seconds": 0.0, "history": [], "skipped_steps": 0}
+        self.state = {"epoch": 0, "global_step": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0,
+                      "aug_seconds": 0.0, "step_seconds": 0.0, "history": [], "skipped_steps": 0}
         self.checkpoint = self._load_checkpoint() if cfg["resume"] else None
 
     def wall_seconds(self) -> float:
         """Wall-clock seconds of the run so far, earlier invocations (before --resume) included."""
         return self.wall_offset + time.perf_counter() - self.wall_start
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds (all threads of this process) of the run so far, earlier invocations included."""
+        return self.cpu_offset + time.process_time() - self.cpu_start
 
     # -- checks before writing ---------------------------------------------------------------------
 
@@ -198,7 +203,7 @@ class Run:
         torch.set_rng_state(ckpt["rng"].cpu())
         for key in self.state:
             self.state[key] = ckpt["state"][key]
-        self.wall_offset = ckpt["wall_seconds"]
+        self.wall_offset, self.cpu_offset = ckpt["wall_seconds"], ckpt["cpu_seconds"]
         from gessl_ext import distributed as gdist
 
         gdist.broadcast_state(self.step)
@@ -211,7 +216,8 @@ class Run:
     def save_checkpoint(self) -> None:
         ckpt = {"version": CHECKPOINT_VERSION, "identity": training_identity(self.cfg), "epoch": self.state["epoch"],
                 "step": self.step.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "rng": torch.get_rng_state(), "state": self.state, "wall_seconds": self.wall_seconds()}
+                "rng": torch.get_rng_state(), "state": self.state, "wall_seconds": self.wall_seconds(),
+                "cpu_seconds": self.cpu_seconds()}
         tmp = self.out / "checkpoint.pt.tmp"
         torch.save(ckpt, tmp)
         os.replace(tmp, self.out / "checkpoint.pt")
@@ -226,7 +232,7 @@ class Run:
         from gessl_ext import distributed as gdist
 
         cfg = self.cfg
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         views = self.sampler.views(groups, generator, self.device)   # all M tasks, identical on every rank
         if self.distributed:
             views = gdist.shard_tasks(views)
@@ -257,6 +263,7 @@ class Run:
         self.state["aug_seconds"] += t1 - t0
         self.state["step_seconds"] += t2 - t1
         self.state["train_seconds"] += t2 - t0
+        self.state["train_cpu_seconds"] += time.process_time() - cpu0
         self.state["global_step"] += 1
         record.update(step=self.state["global_step"], epoch=self.state["epoch"], lr=lr, aug_seconds=t1 - t0,
                       step_seconds=t2 - t1, train_seconds=self.state["train_seconds"])

@@ -4,7 +4,7 @@ import torch
 
 from gessl_ext import losses
 from gessl_ext.hypergrad import HypergradConfig, fd
-from gessl_ext.hypergrad.fd import finite_difference_hvp
+from gessl_ext.hypergrad.fd import finite_difference_step
 from hypergrad_test_utils import (QuadraticProblem, check_quadratic_strategy, random_spd, rel_err, smooth_mlp,
                                   step_hypergradient)
 
@@ -24,10 +24,12 @@ def test_quadratic_fd_is_exact_for_any_radius(inner_steps, radius):
     check_quadratic_strategy(fd, config, expected, tol=1e-10)
 
 
-def test_finite_difference_of_a_zero_direction_is_zero_not_nan():
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_finite_difference_of_a_zero_direction_is_zero_not_nan(use_kernels):
     generator = torch.Generator().manual_seed(0)
     problem = QuadraticProblem(random_spd(4, generator), torch.ones(4, dtype=torch.float64), 0.1)
-    result = finite_difference_hvp(problem, torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), 0.01)
+    config = HypergradConfig(inner_lr=0.1, inner_steps=1, fd_radius=0.01, use_kernels=use_kernels)
+    result = finite_difference_step(problem, torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), config)
     assert torch.equal(result, torch.zeros(4, dtype=torch.float64))
 
 

@@ -65,6 +65,7 @@ def test_metrics_file_of_a_gessl_run(gessl_run):
     assert metrics["steps"] == 4 and metrics["epochs_completed"] == 2 and metrics["steps_per_epoch"] == 2
     assert metrics["steps_per_second"] > 0 and 0 < metrics["augmentation_share"] < 1
     assert metrics["train_seconds"] > 0 and metrics["wall_clock_seconds"] > metrics["train_seconds"]
+    assert 0 < metrics["train_cpu_seconds"] < metrics["cpu_seconds"]
     assert metrics["versions"]["torch"] == torch.__version__ and metrics["device"]["type"] == "cpu"
     assert metrics["config"]["gessl"] is True and metrics["config"]["task_size"] == 8
     assert metrics["data"]["pretrain_classes"] == [0, 1, 2, 3, 4] and metrics["data"]["fewshot_classes"] == [5, 6, 7, 8, 9]
@@ -210,3 +211,24 @@ def test_compare_tables_at_equal_epochs_and_equal_time(tmp_path, capsys):
     capsys.readouterr()
     err = fail_line(capsys, args[:-1] + ["--seed", "3", "--no-eval-initial"], main=compare_main)
     assert "--seeds" in err
+
+
+def test_torchrun_two_ranks_match_one_process(gessl_run, tmp_path):
+    """Two gloo ranks on the CPU, one task each: the same weights as one process running both tasks."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ranks"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "gessl_ext.train",
+           *TINY, "--epochs", "2", "--no-eval-initial", "--eval-every", "0", "--out", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("4 steps in") == 1                    # rank 0 alone reports
+    ours = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    reference = torch.load(gessl_run / "checkpoint.pt", weights_only=True)["step"]
+    for key, value in reference.items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "checkpoint.pt", "config.yaml", "log.jsonl",
+                                                     "loss.png", "metrics.json"]

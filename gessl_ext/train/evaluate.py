@@ -13,7 +13,8 @@
   Eq. 2, with the inner learning rate α and GeSSL's BatchNorm rule). Table 15's ratio r is
   accuracy(without GeSSL) / accuracy(with GeSSL) of this one-step quantity on training tasks; a single run
   reports its own accuracy and ``gessl-compare`` forms the ratio.
-* the σ-measurement (Definition 3.2) on unseen tasks via :func:`gessl_ext.sigma_measure`, per sample.
+* the σ-measurement (Definition 3.2) on unseen tasks via :func:`gessl_ext.sigma_measure`, per sample, with
+  the model in eval mode (the deployed model: BatchNorm running statistics), like :func:`pair_accuracy`.
 
 :class:`Evaluator` fixes the evaluation data once (subsets and augmented task views from its own seeded
 generator), so every evaluation of a run, and the runs of a comparison with the same seed, see the same

@@ -221,7 +221,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the run in --out from its last checkpoint")
     for opt in OPTIONS:
         default = opt.default if not isinstance(opt.default, list) else ",".join(map(str, opt.default))
-        text = f"{opt.help} (default: {default})"
+        text = opt.help if "default" in opt.help else f"{opt.help} (default: {default})"
         if opt.kind == "bool":
             parser.add_argument(opt.flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:

@@ -129,7 +129,12 @@ def plot_run(out: Path, metrics: dict, log: list[dict]) -> None:
     fig, axes = plt.subplots(1, 2 if gessl else 1, figsize=(10 if gessl else 5, 3.5), squeeze=False)
     steps = [r["step"] for r in log]
     axes[0, 0].plot(steps, [r["ssl_loss"] for r in log])
-    axes[0, 0].set(xlabel="outer step", ylabel="SSL loss at θ", title=metrics["config"]["method"])
+    cfg = metrics["config"]
+    if cfg["method"] == "simclr":   # NT-Xent when all embeddings coincide (per task for GeSSL, union batch otherwise)
+        n = cfg["task_size"] * (1 if cfg["gessl"] else cfg["tasks"])
+        axes[0, 0].axhline(math.log(2 * n - 1), color="gray", linestyle="--", label="ln(2N-1): collapsed")
+        axes[0, 0].legend(fontsize=8)
+    axes[0, 0].set(xlabel="outer step", ylabel="SSL loss at θ", title=cfg["method"])
     if gessl:
         axes[0, 1].plot(steps, [r["kl"] for r in log], color="tab:red")
         axes[0, 1].set(xlabel="outer step", ylabel="outer KL (GeSSL loss)", yscale="log")

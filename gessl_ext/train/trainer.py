@@ -97,6 +97,7 @@ class Run:
         self.cfg = cfg
         self.out = Path(cfg["out"])
         self.distributed, self.main = distributed, gdist.is_main()
+        self.notes: list[str] = []
         self.device = resolve_device(cfg["device"]) if not distributed or cfg["device"] == "cpu" else gdist.local_device()
         if cfg["tasks"] % gdist.world_size():
             raise ConfigError(f"--tasks {cfg['tasks']} must be a multiple of the {gdist.world_size()} ranks")
@@ -132,14 +133,23 @@ class Run:
         objective = build_objective(cfg).to(self.device)
         amp = torch.bfloat16 if cfg["amp"] == "bf16" else None
         if cfg["gessl"]:
-            from gessl_ext import GeSSLStep
+            import warnings
 
-            self.step = GeSSLStep(self.model, objective, inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"],
-                                  target_steps=cfg["target_steps"], hypergrad=cfg["hypergrad"],
-                                  head_temperature=cfg["head_temperature"], fd_radius=cfg["fd_radius"],
-                                  implicit_iters=cfg["implicit_iters"], task_batching=cfg["task_batching"],
-                                  task_chunk_size=cfg["task_chunk_size"], autocast_dtype=amp, warn_nonsmooth=False,
-                                  process_group=torch.distributed.group.WORLD if distributed else None)
+            from gessl_ext import GeSSLStep, NonSmoothModelWarning
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                self.step = GeSSLStep(self.model, objective, inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"],
+                                      target_steps=cfg["target_steps"], hypergrad=cfg["hypergrad"],
+                                      head_temperature=cfg["head_temperature"], fd_radius=cfg["fd_radius"],
+                                      implicit_iters=cfg["implicit_iters"], task_batching=cfg["task_batching"],
+                                      task_chunk_size=cfg["task_chunk_size"], autocast_dtype=amp,
+                                      process_group=torch.distributed.group.WORLD if distributed else None)
+            for w in caught:   # fd on a ReLU network: a one-line note once training starts; others pass through
+                if issubclass(w.category, NonSmoothModelWarning):
+                    self.notes.append(str(w.message))
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         else:
             self.step = PlainSSLStep(self.model, objective, amp)
         self.step.to(self.device)
@@ -298,6 +308,8 @@ def _train(run: Run) -> dict:
 
     cfg, out, main = run.cfg, run.out, run.main
     if main:
+        for note in run.notes:
+            print(f"gessl-train: note: {note}", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
         report.write_yaml(out / "config.yaml", {k: v for k, v in cfg.items() if k != "resume"})
     log_path = out / "log.jsonl"

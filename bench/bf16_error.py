@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="convnet", choices=sorted(MODELS))
-    parser.add_argument("--tasks", type=int, default=4)
+    parser.add_argument("--tasks", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--inner-steps", type=int, default=1)
     parser.add_argument("--seeds", type=int, default=3)

@@ -2,7 +2,7 @@
 
 * :func:`read_idx` — the IDX format of (Fashion-)MNIST, plain or gzipped, fully validated.
 * :func:`load_dataset` — ``fashion-mnist`` (Debian package ``dataset-fashion-mnist`` or ``--data-dir``),
-  ``cifar10`` / ``cifar100`` (torchvision's pickled batches, never downloaded) or a folder of images.
+  ``cifar10`` / ``cifar100`` (the python-pickle batches torchvision uses, never downloaded) or a folder of images.
 * :class:`BatchedAugment` — SimCLR-style random resized crop, flip, colour jitter and grayscale applied to a
   whole batch at once with per-image random parameters (one ``grid_sample`` for crop + flip, 3×3 colour
   matrices for jitter), so augmenting a task batch costs a small fraction of a GeSSL step on a CPU.
@@ -13,6 +13,7 @@ Every problem with the data raises :class:`DataError` (a ValueError) naming the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import math
 import os
@@ -37,10 +38,9 @@ CIFAR_FILES = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
     "cifar100": ("cifar-100-python", ["train", "test", "meta"]),
 }
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "<folder of images>")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-# IDX type codes -> (torch dtype, big-endian numpy-style itemsize)
+# IDX type code -> (torch dtype, bytes per value)
 _IDX_TYPES = {0x08: (torch.uint8, 1), 0x09: (torch.int8, 1), 0x0B: (torch.int16, 2), 0x0C: (torch.int32, 4),
               0x0D: (torch.float32, 4), 0x0E: (torch.float64, 8)}
 
@@ -124,10 +124,10 @@ def load_dataset(name: str, data_dir: str | None = None, image_size: int | None 
     key = name.lower()
     if key in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
         files = _find_fashion_mnist(data_dir)
-        reader = lambda: _read_fashion_mnist(files)  # noqa: E731
+        reader = functools.partial(_read_fashion_mnist, files)
     elif key in CIFAR_FILES:
         folder, files = _find_cifar(key, data_dir)
-        reader = lambda: _read_cifar_batches(key, folder)  # noqa: E731
+        reader = functools.partial(_read_cifar_batches, key, folder)
     elif Path(name).is_dir():
         return _load_image_folder(Path(name), image_size or 32, seed)
     else:

@@ -142,7 +142,7 @@ def min_seconds(calls: dict, repeats: int) -> dict:
 
 def cost_table(repeats: int) -> str:
     """Markdown: float32 CPU seconds of a gradient pass, an exact HVP both ways, and a step of each method."""
-    from torch.func import jvp
+    from torch.func import jvp, vjp
 
     from gessl_ext.tasks import TaskProblem
 
@@ -156,8 +156,8 @@ def cost_table(repeats: int) -> str:
     direction = torch.randn_like(theta)
     passes = min_seconds({
         "gradient pass ∇ℓ(θ)": lambda: problem.grad(theta),
-        "HVP, double backward": lambda: problem.hvp(theta, direction),
-        "HVP, forward-over-reverse": lambda: jvp(problem.grad, (theta,), (direction,))[1],
+        "HVP, double backward (vjp of ∇ℓ)": lambda: vjp(problem.grad, theta)[1](direction)[0],
+        "HVP, forward-over-reverse (jvp of ∇ℓ)": lambda: jvp(problem.grad, (theta,), (direction,))[1],
     }, repeats)
     grad_seconds = passes["gradient pass ∇ℓ(θ)"]
     lines = [f"float32, CPU ({torch.get_num_threads()} threads), convnet (P = {theta.numel():,}), one task of "

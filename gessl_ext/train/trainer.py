@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import report
-from .config import ConfigError, training_identity
+from .config import OPTION_BY_KEY, ConfigError, training_identity
 from .data import BatchedAugment, DataError, TaskSampler, channel_stats, load_dataset, parse_classes, select_classes
 from .evaluate import Evaluator
 from .models import build_model
@@ -311,7 +311,7 @@ def _train(run: Run) -> dict:
         for note in run.notes:
             print(f"gessl-train: note: {note}", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
-        report.write_yaml(out / "config.yaml", {k: v for k, v in cfg.items() if k != "resume"})
+        report.write_yaml(out / "config.yaml", {k: cfg[k] for k in OPTION_BY_KEY})   # reusable with --config
     log_path = out / "log.jsonl"
     if run.checkpoint is not None:
         run.restore()

@@ -76,7 +76,11 @@ def test_metrics_file_of_a_gessl_run(gessl_run):
     assert log[0]["kl"] == pytest.approx(log[0]["loss"])
     for png in ("loss.png", "accuracy.png"):
         assert (gessl_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (gessl_run / "checkpoint.pt").is_file() and (gessl_run / "config.yaml").is_file()
+    assert (gessl_run / "checkpoint.pt").is_file()
+    from gessl_ext.train.config import OPTION_BY_KEY, resolve
+
+    again = resolve({"config": str(gessl_run / "config.yaml")})      # the written config reproduces the run
+    assert {k: again[k] for k in OPTION_BY_KEY} == {k: metrics["config"][k] for k in OPTION_BY_KEY}
 
 
 def test_resume_gives_the_uninterrupted_result(gessl_run, tmp_path, capsys):

@@ -11,7 +11,7 @@ from setuptools import find_packages, setup
 
 
 def _want_cuda_extension():
-    """Decide whether to compile csrc/ (documented in the README, "Install")."""
+    """Decide whether to compile csrc/ (README, "Custom kernels and the CUDA build")."""
     choice = os.environ.get("GESSL_EXT_BUILD_CUDA", "auto").lower()
     if choice in ("0", "off", "false", "no"):
         return False
@@ -63,6 +63,7 @@ setup(
     extras_require={
         "train": ["torchvision>=0.19", "tqdm>=4.60", "matplotlib>=3.5", "scikit-learn>=1.2", "pyyaml>=5.4"],
         "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "cuda": ["triton>=3.0", "ninja>=1.10", "pybind11>=2.10"],
     },
     entry_points={
         "console_scripts": [

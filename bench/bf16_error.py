@@ -40,7 +40,7 @@ def hypergradient(model: nn.Module, views: torch.Tensor, dtype: torch.dtype, aut
     step = GeSSLStep(model, losses.SimCLR(0.5), autocast_dtype=autocast, warn_nonsmooth=False, **step_kwargs)
     out = step(views.to(dtype))
     if out.skipped:
-        raise RuntimeError(f"the step was skipped (non-finite values) for {step_kwargs} at {dtype}, autocast {autocast}")
+        raise RuntimeError(f"the step was skipped (non-finite values): {step_kwargs}, {dtype}, autocast {autocast}")
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
 
 

@@ -3,6 +3,7 @@
 * :class:`QuadraticProblem` — ℓ(θ) = ½θᵀAθ − bᵀθ with A SPD: every hypergradient has a closed form.
 * :func:`unrolled_reference` — one GeSSL step written with plain ``torch.autograd`` on a per-task loop
   (create_graph through the K inner steps), independent of gessl_ext's flat-parameter machinery.
+* :func:`flat_ssl_hessian` — the dense Hessian of an SSL loss in the flat parameters, by plain autograd.
 """
 from __future__ import annotations
 
@@ -171,7 +172,7 @@ def step_hypergradient(model: nn.Module, views: Tensor, objective, **step_kwargs
 
 
 def smooth_mlp(in_dim: int = 6, hidden: int = 10, out_dim: int = 5, batchnorm: bool = False) -> nn.Module:
-    """Linear → (BatchNorm1d) → Tanh → Linear → SiLU → Linear in float64: a twice continuously differentiable net."""
+    """Linear → (BatchNorm1d) → Tanh → Linear → SiLU → Linear (float64): twice continuously differentiable."""
     norm = [nn.BatchNorm1d(hidden)] if batchnorm else []
     return nn.Sequential(nn.Linear(in_dim, hidden), *norm, nn.Tanh(), nn.Linear(hidden, hidden), nn.SiLU(),
                          nn.Linear(hidden, out_dim)).double()

@@ -203,9 +203,12 @@ class GeSSLStep(nn.Module):
 
     # -- internals --
 
-    def _task(self, theta: Tensor, views: Tensor, stats, consts, plain_batchnorm):
+    def _task(self, theta: Tensor, views: Tensor, stats, consts, vmapped):
         """Algorithm 1 for one task: views [2, N, ...] → (dL_l/dθ [P], (L_l, ℓ_l(θ), stats))."""
-        problem = TaskProblem(self.task_model, views[0], views[1], self.config.inner_lr, consts, plain_batchnorm)
+        # itd differentiates twice in reverse mode, which torch's BatchNorm cannot do under vmap
+        plain_batchnorm = vmapped and self.hypergrad == "itd"
+        problem = TaskProblem(self.task_model, views[0], views[1], self.config.inner_lr, consts, vmapped,
+                              plain_batchnorm)
         trajectory, ssl_loss = inner_loop(problem, theta, self.config.inner_steps, stats or None)
         target = self_motivated_target(problem, trajectory[-1], self.target_steps)
         loss, outer_grad = outer_loss_and_grad(problem, trajectory[-1], target, self.head, self.config.use_kernels)
@@ -222,9 +225,7 @@ class GeSSLStep(nn.Module):
         self.ssl_loss.before_step(self.model)
         theta = self.task_model.flat_parameters()
         batching = self.task_batching_used
-        # itd differentiates twice in reverse mode, which torch's BatchNorm cannot do under vmap
-        plain_batchnorm = batching == "vmap" and self.hypergrad == "itd"
-        task_fn = functools.partial(self._task, consts=self.task_model.constants(), plain_batchnorm=plain_batchnorm)
+        task_fn = functools.partial(self._task, consts=self.task_model.constants(), vmapped=batching == "vmap")
         stats = per_task_copies(self.task_model.running_stats(), views.shape[0])
         total, (kl, ssl_loss, stats) = run_tasks(task_fn, theta, views, stats, batching, self.task_chunk_size)
         if self.process_group is not None:

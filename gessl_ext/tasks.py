@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.func import functional_call, grad, grad_and_value, jvp, vmap
+from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 
 Tensor = torch.Tensor
 
@@ -176,9 +176,9 @@ class TaskProblem:
     """
 
     def __init__(self, task_model: TaskModel, x1: Tensor, x2: Tensor, inner_lr: float, consts,
-                 plain_batchnorm: bool = False):
+                 vmapped: bool = False, plain_batchnorm: bool = False):
         self.task_model, self.x1, self.x2, self.inner_lr, self.consts = task_model, x1, x2, inner_lr, consts
-        self.plain_batchnorm = plain_batchnorm
+        self.vmapped, self.plain_batchnorm = vmapped, plain_batchnorm
 
     def loss(self, theta: Tensor, stats=None) -> Tensor:
         return self.task_model.call(theta, self.x1, self.x2, "loss", self.consts, stats, self.plain_batchnorm)
@@ -191,14 +191,23 @@ class TaskProblem:
         """(∇ℓ(θ) [P], ℓ(θ)); BatchNorm ``stats`` copies, if given, take this pass's running-stat update."""
         return grad_and_value(self.loss)(theta, stats)
 
-    def hvp(self, theta: Tensor, v: Tensor) -> Tensor:
-        """Exact Hessian-vector product ∇²ℓ(θ) v [P], forward-over-reverse (jvp of the gradient).
+    @staticmethod
+    def second_order():
+        """Context for passes differentiated twice: attention on its composite (math) kernel, since the
+        fused attention kernels have neither a double-backward nor a forward-mode rule."""
+        return sdpa_kernel(SDPBackend.MATH)
 
-        Forward-over-reverse also works under vmap for BatchNorm, whose double backward does not.
-        Attention runs on its composite (math) kernel here: the fused ones have no forward-mode rule.
+    def hvp(self, theta: Tensor, v: Tensor) -> Tensor:
+        """Exact Hessian-vector product ∇²ℓ(θ) v [P].
+
+        One task at a time: double backward (vjp of the gradient), about 3 gradient passes on the CPU.
+        Under vmap: forward-over-reverse (jvp of the gradient), because torch's BatchNorm double
+        backward has no batching rule.
         """
-        with sdpa_kernel(SDPBackend.MATH):
-            return jvp(self.grad, (theta,), (v,))[1]
+        with self.second_order():
+            if self.vmapped:
+                return jvp(self.grad, (theta,), (v,))[1]
+            return vjp(self.grad, theta)[1](v)[0]
 
     def embed(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         """Embeddings of both views at θ: ([N, d], [N, d])."""

@@ -13,5 +13,6 @@ def unroll(problem, theta, steps, inner_lr):
 
 def itd(problem, trajectory, outer_grad, config):
     """vᵀ dθᴷ/dθ by a vector-Jacobian product of the re-run unrolled loop (K extra gradient passes)."""
-    _, pullback = vjp(lambda theta: unroll(problem, theta, config.inner_steps, config.inner_lr), trajectory[0])
-    return pullback(outer_grad)[0]
+    with problem.second_order():
+        _, pullback = vjp(lambda theta: unroll(problem, theta, config.inner_steps, config.inner_lr), trajectory[0])
+        return pullback(outer_grad)[0]

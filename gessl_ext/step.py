@@ -207,8 +207,7 @@ class GeSSLStep(nn.Module):
         """Algorithm 1 for one task: views [2, N, ...] → (dL_l/dθ [P], (L_l, ℓ_l(θ), stats))."""
         # itd differentiates twice in reverse mode, which torch's BatchNorm cannot do under vmap
         plain_batchnorm = vmapped and self.hypergrad == "itd"
-        problem = TaskProblem(self.task_model, views[0], views[1], self.config.inner_lr, consts, vmapped,
-                              plain_batchnorm)
+        problem = TaskProblem(self.task_model, views[0], views[1], self.config.inner_lr, consts, plain_batchnorm)
         trajectory, ssl_loss = inner_loop(problem, theta, self.config.inner_steps, stats or None)
         target = self_motivated_target(problem, trajectory[-1], self.target_steps)
         loss, outer_grad = outer_loss_and_grad(problem, trajectory[-1], target, self.head, self.config.use_kernels)

@@ -18,6 +18,8 @@ import time
 import pytest
 import torch
 
+from gessl_ext import retain_freed_memory
+
 from peak_rss import measure_in_subprocess
 from workloads import Workload, build, quick_mode, warm_up
 
@@ -52,7 +54,8 @@ def _params():
             marks = [pytest.mark.target] if (workload, method) in TARGETS else []
             for variant in (*variants, "baseline"):
                 implementation = "baseline" if variant == "baseline" else "gessl"
-                yield pytest.param(workload, method, rounds, implementation, variant, marks=marks,
+                variant_rounds = rounds if variant in ("default", "baseline") else 1  # vmap on the CPU: ~20x slower
+                yield pytest.param(workload, method, variant_rounds, implementation, variant, marks=marks,
                                    id=f"{workload.name}-{method}-{variant}")
 
 
@@ -65,11 +68,18 @@ def cpu_threads():
 
 
 @pytest.fixture(scope="module")
+def retained_memory(request) -> bool:
+    """Whether malloc keeps freed memory (``gessl_ext.retain_freed_memory``; process-wide, for every
+    implementation alike, and in the peak-RSS subprocesses); ``--default-malloc`` keeps glibc's defaults."""
+    return False if request.config.getoption("--default-malloc") else retain_freed_memory()
+
+
+@pytest.fixture(scope="module")
 def quick(request):
     return quick_mode(request.config)
 
 
-def _measure(benchmark, quick, workload, implementation, method, rounds, variant, **options):
+def _measure(benchmark, quick, retained, workload, implementation, method, rounds, variant, **options):
     """Time ``rounds`` units of work (wall and process CPU time); record peak RSS when benchmarking."""
     if quick:
         workload, rounds = workload.quick(), 1
@@ -89,13 +99,14 @@ def _measure(benchmark, quick, workload, implementation, method, rounds, variant
     benchmark.extra_info.update(
         suite="cpu", workload=workload.name, method=method, implementation=implementation, variant=variant,
         passes=workload.ideal_passes, threads=CPU_THREADS, torch=torch.__version__, quick=quick,
-        cpu_time_median=statistics.median(cpu_times[-rounds:]),
+        cpu_time_median=statistics.median(cpu_times[-rounds:]), retained_freed_memory=retained,
     )
     if benchmark.enabled:
-        benchmark.extra_info.update(measure_in_subprocess(workload, implementation, method, CPU_THREADS, **options))
+        benchmark.extra_info.update(measure_in_subprocess(workload, implementation, method, CPU_THREADS,
+                                                          retain_freed_memory=retained, **options))
 
 
 @pytest.mark.parametrize("workload,method,rounds,implementation,variant", list(_params()))
-def test_cpu(benchmark, quick, workload, method, rounds, implementation, variant):
+def test_cpu(benchmark, quick, retained_memory, workload, method, rounds, implementation, variant):
     options = GESSL_VARIANTS.get(variant, {}) if implementation == "gessl" else {}
-    _measure(benchmark, quick, workload, implementation, method, rounds, variant, **options)
+    _measure(benchmark, quick, retained_memory, workload, implementation, method, rounds, variant, **options)

@@ -4,6 +4,9 @@
 def pytest_addoption(parser):
     parser.addoption("--quick", action="store_true", default=False,
                      help="bench suites: small shapes that exercise every code path in seconds (CI smoke run)")
+    parser.addoption("--default-malloc", action="store_true", default=False,
+                     help="CPU suite: keep glibc's default malloc thresholds (by default the suite calls "
+                          "gessl_ext.retain_freed_memory() for every implementation it compares)")
 
 
 def pytest_configure(config):

@@ -53,8 +53,10 @@ def _contexts(records) -> str:
     seen = {}
     for r in records:
         c = r["context"]
+        malloc = {True: ", malloc: freed memory retained (`retain_freed_memory()`)",
+                  False: ", malloc: glibc defaults"}.get(r.get("retained_freed_memory"), "")
         seen[c["file"]] = (f"`{c['file']}`: {c['date']}, {r.get('device') or c['cpu']} ({c['cores']} cores), "
-                           f"torch {r['torch']}, commit {c['commit']}")
+                           f"torch {r['torch']}, commit {c['commit']}{malloc}")
     return "\n".join(f"- {line}" for line in seen.values())
 
 

@@ -48,10 +48,11 @@ def peak_of(work) -> dict:
 
 
 def measure_in_subprocess(workload, implementation: str, method: str = "fd", threads: int = 2,
-                          timeout: float | None = None, **gessl_options) -> dict:
-    """:func:`peak_of` one unit of work of ``implementation`` on ``workload`` in a fresh Python process."""
+                          timeout: float | None = None, retain_freed_memory: bool = False, **gessl_options) -> dict:
+    """:func:`peak_of` one unit of work of ``implementation`` on ``workload`` in a fresh Python process
+    (which calls ``gessl_ext.retain_freed_memory()`` first when ``retain_freed_memory``)."""
     request = {"workload": dataclasses.asdict(workload), "implementation": implementation, "method": method,
-               "threads": threads, "gessl_options": gessl_options}
+               "threads": threads, "retain_freed_memory": retain_freed_memory, "gessl_options": gessl_options}
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
@@ -67,7 +68,11 @@ def main(argv) -> None:
 
     from workloads import Workload, build, warm_up
 
+    from gessl_ext import retain_freed_memory
+
     request = json.loads(argv[0])
+    if request["retain_freed_memory"]:
+        retain_freed_memory()
     torch.set_num_threads(request["threads"])
     workload = Workload(**request["workload"])
     warm_up(workload, request["implementation"], request["method"], **request["gessl_options"])

@@ -22,7 +22,8 @@ from .distributed import gather_views, reduce_across_ranks, task_local_batchnorm
 from .head import PairHead, outer_kl
 from .hypergrad import HYPERGRADIENTS, HypergradConfig
 from .losses import SSLObjective, as_objective
-from .tasks import TaskModel, TaskProblem, fold_running_stats, per_task_copies, run_tasks
+from .tasks import (AdaptedPoint, EagerTaskProblem, TaskModel, TaskProblem, fold_running_stats, per_task_copies,
+                    run_tasks)
 
 Tensor = torch.Tensor
 
@@ -67,23 +68,21 @@ def inner_loop(problem: TaskProblem, theta: Tensor, steps: int, stats):
     return trajectory, ssl_loss
 
 
-def self_motivated_target(problem: TaskProblem, theta_k: Tensor, steps: int):
-    """λ more SGD steps from θᴷ; returns the target's embeddings (z1, z2), detached."""
-    theta = theta_k.detach()
-    for _ in range(steps):
-        theta = theta - problem.inner_lr * problem.grad(theta)
+def self_motivated_target(problem: TaskProblem, adapted: AdaptedPoint, steps: int):
+    """λ more SGD steps from θᴷ (the first from the adapted point's gradient); returns the target's
+    embeddings (z1, z2), detached."""
+    theta = adapted.theta.detach()
+    for step in range(steps):
+        grad = adapted.ssl_grad() if step == 0 else problem.grad(theta)
+        theta = theta - problem.inner_lr * grad
     with torch.no_grad():
         return tuple(z.detach() for z in problem.embed(theta))
 
 
-def outer_loss_and_grad(problem: TaskProblem, theta_k: Tensor, target, head, use_kernels: bool):
+def outer_loss_and_grad(adapted: AdaptedPoint, target, head, use_kernels: bool):
     """(L_l, v = ∂L_l/∂θᴷ): KL(π(target) ‖ π(f_θᴷ)) averaged over the task's 2N samples (Eq. 3)."""
-
-    def kl(theta):
-        z1, z2 = problem.embed(theta)
-        return outer_kl(head, z1, z2, *target, use_kernels=use_kernels)
-
-    outer_grad, loss = torch.func.grad_and_value(kl)(theta_k)
+    outer_grad, loss = adapted.outer_grad_and_value(
+        lambda z1, z2: outer_kl(head, z1, z2, *target, use_kernels=use_kernels))
     return loss, outer_grad
 
 
@@ -207,10 +206,12 @@ class GeSSLStep(nn.Module):
         """Algorithm 1 for one task: views [2, N, ...] → (dL_l/dθ [P], (L_l, ℓ_l(θ), stats))."""
         # itd differentiates twice in reverse mode, which torch's BatchNorm cannot do under vmap
         plain_batchnorm = vmapped and self.hypergrad == "itd"
-        problem = TaskProblem(self.task_model, views[0], views[1], self.config.inner_lr, consts, plain_batchnorm)
+        problem_type = TaskProblem if vmapped else EagerTaskProblem
+        problem = problem_type(self.task_model, views[0], views[1], self.config.inner_lr, consts, plain_batchnorm)
         trajectory, ssl_loss = inner_loop(problem, theta, self.config.inner_steps, stats or None)
-        target = self_motivated_target(problem, trajectory[-1], self.target_steps)
-        loss, outer_grad = outer_loss_and_grad(problem, trajectory[-1], target, self.head, self.config.use_kernels)
+        adapted = problem.adapted(trajectory[-1])
+        target = self_motivated_target(problem, adapted, self.target_steps)
+        loss, outer_grad = outer_loss_and_grad(adapted, target, self.head, self.config.use_kernels)
         hypergrad = HYPERGRADIENTS[self.hypergrad](problem, trajectory, outer_grad, self.config)
         return hypergrad.detach(), (loss.detach(), ssl_loss.detach(), stats)
 

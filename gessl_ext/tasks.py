@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.func import functional_call, grad, grad_and_value, jvp, vmap
+from torch.func import functional_call, grad_and_value, jvp, vjp, vmap
 
 Tensor = torch.Tensor
 
@@ -53,10 +53,25 @@ class _Joint(nn.Module):
         self.objective = objective
 
     def forward(self, x1: Tensor, x2: Tensor, what: str = "loss"):
+        """``what``: "loss" → ℓ; "embed" → (z1, z2); "loss_and_embed" → (ℓ, z1, z2) from ONE forward of the
+        model (for objectives with ``embeds_views_once``, whose single embed call is reused)."""
+        if what == "embed":
+            return self.model(torch.cat([x1, x2])).chunk(2)
         if what == "loss":
             return self.objective(self.model, x1, x2)
-        z1, z2 = self.model(torch.cat([x1, x2])).chunk(2)
-        return z1, z2
+        embedded = []
+
+        def embed(x):
+            embedded.append(self.model(x))
+            return embedded[-1]
+
+        loss = self.objective(embed, x1, x2)
+        if len(embedded) != 1 or embedded[0].shape[0] != 2 * x1.shape[0]:
+            raise RuntimeError(
+                f"{type(self.objective).__name__} sets embeds_views_once = True but its forward called embed "
+                f"{len(embedded)} time(s) (on {[tuple(z.shape) for z in embedded]}); it must call embed(torch.cat([x1, x2])) "
+                "exactly once, or set embeds_views_once = False")
+        return (loss, *embedded[0].chunk(2))
 
 
 def _tracked_batchnorms(module: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -166,13 +181,20 @@ class TaskModel:
             out = functional_call(self.joint, state, (x1, x2), {"what": what}, strict=False)
         if what == "loss":
             return out.to(theta.dtype)
-        return tuple(z.to(theta.dtype) for z in out)
+        return tuple(t.to(theta.dtype) for t in out)
+
+    @property
+    def embeds_views_once(self) -> bool:
+        """True when the objective's loss pass embeds cat(x1, x2) once, so that forward can serve the head too."""
+        return bool(getattr(self.joint.objective, "embeds_views_once", False))
 
 
 class TaskProblem:
-    """One task's inner problem ℓ(θ; x1, x2) with its derivatives, θ [P].
+    """One task's inner problem ℓ(θ; x1, x2) with its derivatives, θ [P], by ``torch.func`` transforms.
 
-    This is the protocol the hypergradient strategies use: ``grad``, ``hvp``, ``inner_lr``.
+    This is the protocol the hypergradient strategies use: ``grad``, ``hvp``, ``vjp``, ``second_order``,
+    ``inner_lr``. These transforms compose with ``vmap`` (tasks batched); :class:`EagerTaskProblem`
+    computes the same quantities with plain ``torch.autograd`` for one task at a time.
     """
 
     def __init__(self, task_model: TaskModel, x1: Tensor, x2: Tensor, inner_lr: float, consts,
@@ -180,16 +202,31 @@ class TaskProblem:
         self.task_model, self.x1, self.x2, self.inner_lr, self.consts = task_model, x1, x2, inner_lr, consts
         self.plain_batchnorm = plain_batchnorm
 
+    def call(self, theta: Tensor, what: str, stats=None):
+        return self.task_model.call(theta, self.x1, self.x2, what, self.consts, stats, self.plain_batchnorm)
+
     def loss(self, theta: Tensor, stats=None) -> Tensor:
-        return self.task_model.call(theta, self.x1, self.x2, "loss", self.consts, stats, self.plain_batchnorm)
+        return self.call(theta, "loss", stats)
 
-    def grad(self, theta: Tensor) -> Tensor:
-        """∇ℓ(θ) [P]."""
-        return grad(self.loss)(theta)
+    def embed(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """Embeddings of both views at θ: ([N, d], [N, d])."""
+        return self.call(theta, "embed")
 
-    def grad_and_loss(self, theta: Tensor, stats=None) -> tuple[Tensor, Tensor]:
-        """(∇ℓ(θ) [P], ℓ(θ)); BatchNorm ``stats`` copies, if given, take this pass's running-stat update."""
-        return grad_and_value(self.loss)(theta, stats)
+    # -- differentiation primitives (overridden by EagerTaskProblem) --
+
+    def grad_and_value(self, fn: Callable, theta: Tensor, *args) -> tuple[Tensor, Tensor]:
+        """(∇_θ fn(θ, *args) [P], fn(θ, *args)) for a scalar fn."""
+        return grad_and_value(fn)(theta, *args)
+
+    def vjp(self, fn: Callable, theta: Tensor, cotangent: Tensor) -> Tensor:
+        """cotangentᵀ ∂fn/∂θ [P] for fn: [P] → [P]."""
+        return vjp(fn, theta)[1](cotangent)[0]
+
+    def hvp(self, theta: Tensor, v: Tensor) -> Tensor:
+        """Exact Hessian-vector product ∇²ℓ(θ) v [P], forward-over-reverse (jvp of the gradient): under vmap
+        it is faster than double backward and works with BatchNorm, whose double backward does not batch."""
+        with self.second_order():
+            return jvp(self.grad, (theta,), (v,))[1]
 
     @staticmethod
     def second_order():
@@ -197,18 +234,87 @@ class TaskProblem:
         fused attention kernels have neither a double-backward nor a forward-mode rule."""
         return sdpa_kernel(SDPBackend.MATH)
 
-    def hvp(self, theta: Tensor, v: Tensor) -> Tensor:
-        """Exact Hessian-vector product ∇²ℓ(θ) v [P], forward-over-reverse (jvp of the gradient).
+    # -- built on the primitives --
 
-        It costs about what double backward costs one task at a time (≈ 2.8 gradient passes on the
-        CPU), is faster under vmap, and works there with BatchNorm, whose double backward does not.
-        """
+    def grad(self, theta: Tensor) -> Tensor:
+        """∇ℓ(θ) [P]."""
+        return self.grad_and_value(self.loss, theta)[0]
+
+    def grad_and_loss(self, theta: Tensor, stats=None) -> tuple[Tensor, Tensor]:
+        """(∇ℓ(θ) [P], ℓ(θ)); BatchNorm ``stats`` copies, if given, take this pass's running-stat update."""
+        return self.grad_and_value(self.loss, theta, stats)
+
+    def adapted(self, theta: Tensor) -> "AdaptedPoint":
+        """The adapted weights θᴷ, where the target's first step and the outer loss both evaluate the model."""
+        return AdaptedPoint(self, theta)
+
+
+class AdaptedPoint:
+    """The model at the adapted weights θᴷ: ``ssl_grad()`` = ∇ℓ(θᴷ) (the target's first step) and
+    ``outer_grad_and_value(outer)`` = (∂/∂θᴷ, value) of ``outer(z1, z2)`` on the embeddings at θᴷ.
+    Here each is its own pass; :class:`EagerTaskProblem` shares one forward between them."""
+
+    def __init__(self, problem: TaskProblem, theta: Tensor):
+        self.problem, self.theta = problem, theta
+
+    def ssl_grad(self) -> Tensor:
+        return self.problem.grad(self.theta)
+
+    def outer_grad_and_value(self, outer: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        return self.problem.grad_and_value(lambda theta: outer(*self.problem.embed(theta)), self.theta)
+
+
+class EagerTaskProblem(TaskProblem):
+    """:class:`TaskProblem` by plain ``torch.autograd``, for one task at a time (``task_batching="loop"``).
+
+    Same values as the ``torch.func`` version without its per-operation dispatch overhead (≈5 % of a
+    gradient pass of the CPU benchmark convnet), and the adapted point shares one forward between the
+    target's first step and the outer loss (docs/performance.md). A gradient is itself differentiable
+    (``create_graph``) exactly when θ requires grad, which is how ``vjp`` and ``hvp`` differentiate it.
+    """
+
+    def grad_and_value(self, fn, theta, *args):
+        differentiable = theta.requires_grad
+        x = theta if differentiable else theta.detach().requires_grad_()
+        with torch.enable_grad():
+            value = fn(x, *args)
+            (grad_x,) = torch.autograd.grad(value, x, create_graph=differentiable)
+        return grad_x, value if differentiable else value.detach()
+
+    def vjp(self, fn, theta, cotangent):
+        x = theta.detach().requires_grad_()
+        with torch.enable_grad():
+            return torch.autograd.grad(fn(x), x, cotangent)[0]
+
+    def hvp(self, theta, v):
+        """∇²ℓ(θ) v by double backward: vᵀ∇²ℓ = (∇²ℓ v)ᵀ since the Hessian is symmetric."""
         with self.second_order():
-            return jvp(self.grad, (theta,), (v,))[1]
+            return self.vjp(self.grad, theta, v)
 
-    def embed(self, theta: Tensor) -> tuple[Tensor, Tensor]:
-        """Embeddings of both views at θ: ([N, d], [N, d])."""
-        return self.task_model.call(theta, self.x1, self.x2, "embed", self.consts, None, self.plain_batchnorm)
+    def adapted(self, theta):
+        if not self.task_model.embeds_views_once:
+            return AdaptedPoint(self, theta)
+        return _SharedForwardPoint(self, theta)
+
+
+class _SharedForwardPoint(AdaptedPoint):
+    """One forward at θᴷ yields ℓ and the embeddings; its graph serves both backward passes. ``ssl_grad``
+    must come first (it keeps the graph; ``outer_grad_and_value`` frees it)."""
+
+    def __init__(self, problem: EagerTaskProblem, theta: Tensor):
+        super().__init__(problem, theta)
+        self.leaf = theta.detach().requires_grad_()
+        with torch.enable_grad():
+            self.loss, self.z1, self.z2 = problem.call(self.leaf, "loss_and_embed")
+
+    def ssl_grad(self):
+        return torch.autograd.grad(self.loss, self.leaf, retain_graph=True)[0]
+
+    def outer_grad_and_value(self, outer):
+        with torch.enable_grad():
+            value = outer(self.z1, self.z2)
+            (grad_theta,) = torch.autograd.grad(value, self.leaf)
+        return grad_theta, value.detach()
 
 
 def run_tasks(task_fn: Callable, theta: Tensor, views: Tensor, stats: dict[str, Tensor], batching: str,

@@ -182,6 +182,10 @@ def worker(world: str, out_dir: str) -> None:
     (Path(out_dir) / f"{world}-rank{gdist.rank()}.json").write_text(json.dumps(result))
     if result["error"] == InjectedFailure.__name__:
         raise SystemExit(3)  # the crashing rank dies without a goodbye, as a real failure would
+    if result["error"] == "RankFailureError":
+        # gloo cannot tear down a group whose collective timed out while the peer is still connected: its
+        # destructor may call std::terminate at interpreter exit. A survivor reports and leaves without it.
+        os._exit(0)
 
 
 # --- the tests (pytest side) ---------------------------------------------------------------------

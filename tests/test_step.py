@@ -100,6 +100,52 @@ def test_loop_vmap_and_chunked_vmap_agree(hypergrad):
     assert rel(results[2], results[0]) < 1e-10
 
 
+@pytest.mark.parametrize("hypergrad, extra_loop, extra_vmap", [("fd", 2, 2), ("hvp", 1, 1), ("itd", 1, 1)])
+def test_one_task_at_a_time_shares_the_forward_at_the_adapted_weights(hypergrad, extra_loop, extra_vmap):
+    """Model forwards per step, K = 1, λ = 3: inner 1, target λ + its embedding 1, outer 1, hypergradient's own.
+    The loop takes the outer loss's embeddings from the target's first pass (one forward less per task);
+    vmap runs each forward once per chunk (all M tasks), separately."""
+    model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 6)).double()
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    views = torch.randn(3, 2, 4, 5, dtype=torch.float64)
+    for batching, expected in (("loop", 3 * (1 + 3 + 1 + extra_loop)), ("vmap", 1 + 3 + 1 + 1 + extra_vmap)):
+        calls.clear()
+        GeSSLStep(model, SIMCLR, hypergrad=hypergrad, target_steps=3, task_batching=batching)(views)
+        assert len(calls) == expected, (batching, len(calls))
+
+
+class EmbedsTwice(losses.SimCLR):
+    """Declares embeds_views_once (inherited) but embeds each view separately."""
+
+    def forward(self, embed, x1, x2):
+        return self.pair_loss(embed(x1), embed(x2))
+
+
+def test_objective_that_breaks_embeds_views_once_is_named_and_nothing_changes():
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="EmbedsTwice sets embeds_views_once = True but its forward called embed 2 time"):
+        GeSSLStep(model, EmbedsTwice())(torch.randn(2, 2, 4, 5, dtype=torch.float64))
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_objective_without_embeds_views_once_runs_the_outer_forward_itself():
+    """Same hypergradient whether or not the loop may reuse the loss pass's embeddings."""
+
+    class Separate(losses.SimCLR):
+        embeds_views_once = False
+
+    base, views = bn_convnet(), torch.randn(2, 2, 4, 1, 8, 8, dtype=torch.float64)
+    results = []
+    for objective in (losses.SimCLR(temperature=0.5), Separate(temperature=0.5)):
+        model = copy.deepcopy(base)
+        GeSSLStep(model, objective, hypergrad="hvp", target_steps=2)(views)
+        results.append(grads(model))
+    assert rel(results[1], results[0]) < 1e-12
+
+
 def test_auto_batching_is_loop_on_cpu():
     assert GeSSLStep(mlp(), SIMCLR).task_batching_used == "loop"
 

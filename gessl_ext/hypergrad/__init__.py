@@ -1,8 +1,9 @@
 """Hypergradient strategies: one signature, one file each.
 
 Every strategy is a function ``method(problem, trajectory, outer_grad, config) -> hypergrad [P]`` for ONE
-task, where ``problem`` offers ``grad(θ)``, ``hvp(θ, v)`` and a ``second_order()`` context for passes
-differentiated twice (:class:`gessl_ext.tasks.TaskProblem`),
+task, where ``problem`` offers ``grad(θ)``, ``hvp(θ, v)``, ``vjp(fn, θ, cotangent)`` and a ``second_order()``
+context for passes differentiated twice (:class:`gessl_ext.tasks.TaskProblem`; differentiate through ``grad``
+only with these, since one task at a time they run on plain autograd),
 ``trajectory`` is the list [θ⁰ = θ, θ¹, …, θᴷ] of inner iterates (each [P]), ``outer_grad`` is
 v = ∂L/∂θᴷ [P], and ``config`` a :class:`HypergradConfig`. The result is dL/dθ for that task.
 Strategies run under ``torch.func.vmap``: fixed iteration counts, no ``.item()``, no branching on values.

@@ -1,8 +1,6 @@
 """ITD-RMAD: exact reverse-mode differentiation through the unrolled inner loop."""
 from __future__ import annotations
 
-from torch.func import vjp
-
 
 def unroll(problem, theta, steps, inner_lr):
     """θᴷ from θ by ``steps`` differentiable SGD steps."""
@@ -14,5 +12,5 @@ def unroll(problem, theta, steps, inner_lr):
 def itd(problem, trajectory, outer_grad, config):
     """vᵀ dθᴷ/dθ by a vector-Jacobian product of the re-run unrolled loop (K extra gradient passes)."""
     with problem.second_order():
-        _, pullback = vjp(lambda theta: unroll(problem, theta, config.inner_steps, config.inner_lr), trajectory[0])
-        return pullback(outer_grad)[0]
+        return problem.vjp(lambda theta: unroll(problem, theta, config.inner_steps, config.inner_lr), trajectory[0],
+                           outer_grad)

@@ -19,7 +19,14 @@ from torch import Tensor, nn
 
 
 class SSLObjective(nn.Module):
-    """Base class of every self-supervised objective used by GeSSLStep."""
+    """Base class of every self-supervised objective used by GeSSLStep.
+
+    Set the class attribute ``embeds_views_once = True`` when ``forward`` calls ``embed`` exactly once,
+    on ``torch.cat([x1, x2])``: one task at a time, GeSSLStep then takes the head's embeddings at the
+    adapted weights from the loss pass instead of running the model again (checked at run time).
+    """
+
+    embeds_views_once: bool = False
 
     def forward(self, embed: Callable[[Tensor], Tensor], x1: Tensor, x2: Tensor) -> Tensor:
         """Return the scalar (0-dim) SSL loss of one task.
@@ -46,6 +53,8 @@ class PairObjective(SSLObjective):
     ``forward`` embeds both views in ONE call, ``embed(cat([x1, x2]))`` over the 2N images, so
     BatchNorm layers of the model normalise with statistics of the whole task (both views).
     """
+
+    embeds_views_once = True
 
     def pair_loss(self, z1: Tensor, z2: Tensor) -> Tensor:
         """Scalar loss from the embeddings z1, z2 [N, d] of the two views."""

@@ -22,6 +22,8 @@ class BYOL(MomentumObjective):
     in one call over the 2N images.
     """
 
+    embeds_views_once = True
+
     def __init__(self, embed_dim: int, hidden_dim: int = 4096, momentum: float = 0.996):
         super().__init__(momentum)
         self.predictor = prediction_mlp(embed_dim, hidden_dim)

@@ -19,6 +19,8 @@ class MoCo(MomentumObjective):
     images of each task, no gradient) and enqueues those M*2N keys as a ring buffer, oldest first out.
     """
 
+    embeds_views_once = True
+
     def __init__(self, embed_dim: int, queue_size: int = 4096, temperature: float = 0.2, momentum: float = 0.999,
                  generator: torch.Generator | None = None):
         super().__init__(momentum)

@@ -95,6 +95,9 @@ OPTIONS = [
            minimum=0),
     Option("amp", "off", "str", "bf16 autocast of the forward passes", choices=("off", "bf16")),
     Option("device", "auto", "str", "auto: cuda when available", choices=("auto", "cpu", "cuda"), resumable=True),
+    Option("retain_freed_memory", True, "bool", "on the CPU, let malloc keep freed memory for reuse "
+           "(gessl_ext.allocator: 15-20%% faster passes on a 2-core machine; resident memory stays near its peak)",
+           resumable=True),
     # evaluation
     Option("eval_every", 1, "int", "evaluate every this many epochs (0: only at the end)", minimum=0, resumable=True),
     Option("eval_initial", True, "bool", "evaluate the initial weights too (epoch 0)"),

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from gessl_ext.allocator import retain_freed_memory
+
 from . import report
 from .config import OPTION_BY_KEY, ConfigError, training_identity
 from .data import BatchedAugment, DataError, TaskSampler, channel_stats, load_dataset, parse_classes, select_classes
@@ -99,6 +101,8 @@ class Run:
         self.distributed, self.main = distributed, gdist.is_main()
         self.notes: list[str] = []
         self.device = resolve_device(cfg["device"]) if not distributed or cfg["device"] == "cpu" else gdist.local_device()
+        if self.device.type == "cpu" and cfg["retain_freed_memory"]:
+            retain_freed_memory()
         if cfg["tasks"] % gdist.world_size():
             raise ConfigError(f"--tasks {cfg['tasks']} must be a multiple of the {gdist.world_size()} ranks")
         self._check_out_folder()

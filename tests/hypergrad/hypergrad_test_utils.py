@@ -37,6 +37,9 @@ class QuadraticProblem:
     def hvp(self, theta: Tensor, v: Tensor) -> Tensor:
         return self.matrix @ v
 
+    def vjp(self, fn, theta: Tensor, cotangent: Tensor) -> Tensor:
+        return torch.func.vjp(fn, theta)[1](cotangent)[0]
+
 
 def random_spd(dim: int, generator: torch.Generator, batch: tuple = ()) -> Tensor:
     """Random SPD matrices [*batch, dim, dim] with eigenvalues in [0.5, 4.5] (float64)."""

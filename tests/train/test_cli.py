@@ -225,8 +225,8 @@ def test_torchrun_two_ranks_match_one_process(gessl_run, tmp_path):
 
     out = tmp_path / "ranks"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "gessl_ext.train",
-           *TINY, "--epochs", "2", "--no-eval-initial", "--eval-every", "0", "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "gessl_ext.train", *TINY, "--epochs", "2", "--no-eval-initial", "--eval-every", "0", "--out", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("4 steps in") == 1                    # rank 0 alone reports

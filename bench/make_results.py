@@ -4,15 +4,17 @@
     python bench/make_results.py cpu.json gpu.json --write bench/RESULTS.md       # replace them in place
 
 With ``--write`` the text between ``<!-- BEGIN cpu-table -->`` and ``<!-- END cpu-table -->`` (and the
-``gpu-table`` pair) is replaced; everything else in the file is kept. Ratios are computed within one
-JSON file's run: ideal = ``passes`` × the median of the plain-pass benchmark of the same workload
-(and precision on the GPU); speedup = baseline median / step median.
+``gpu-table`` pair) is replaced; everything else in the file is kept. CPU ratios are medians of per-round
+ratios within one benchmark (each round ran every implementation once); ideal = ``passes`` × the plain
+pass of the same round. GPU ratios: ideal = ``passes`` × the median of the plain-pass benchmark of the same
+workload and precision; speedup = baseline median / step median, within one JSON file's run.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -60,42 +62,43 @@ def _contexts(records) -> str:
     return "\n".join(f"- {line}" for line in seen.values())
 
 
+def _round_ratio(times: dict, numerator: str, denominator: str, scale: float = 1.0):
+    """Median over rounds of times[numerator][i] / (scale * times[denominator][i]) (None if either is missing)."""
+    if numerator not in times or denominator not in times:
+        return None
+    return statistics.median([a / (scale * b) for a, b in zip(times[numerator], times[denominator])])
+
+
 def cpu_table(records) -> str:
-    """Markdown table of the CPU suite: every step implementation against baseline and ideal."""
+    """Markdown tables of the CPU suite: each implementation against the baseline and the ideal, with the
+    ratios taken round by round (every round of a benchmark ran each implementation once)."""
     records = [r for r in records if r["suite"] == "cpu"]
     if not records:
         return "_no CPU results_"
-    plain = {(r["workload"], r["implementation"]): r for r in records if r["method"] == "plain"}
-    steps = [r for r in records if r["method"] != "plain"]
     lines = [
         _contexts(records), "",
-        "| workload | hypergrad | implementation | median s (wall) | median s (CPU) | speedup vs baseline "
-        "(wall / CPU) | × ideal, tasks one at a time (wall / CPU) | × ideal, union batch (wall / CPU) "
-        "| step peak RSS MiB | × plain union step |",
+        "| workload | hypergrad | implementation | rounds | median s | speedup vs baseline "
+        "| × ideal (tasks one at a time) | × ideal (union batch) | step peak RSS MiB | × plain union step |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in steps:
-        base = next((b for b in steps if b["workload"] == r["workload"] and b["method"] == r["method"]
-                     and b["implementation"] == "baseline"), None)
-        tasks, union = plain.get((r["workload"], "plain_tasks")), plain.get((r["workload"], "plain_union"))
-        cells = []
-        for ref, scale, invert in ((base, 1, True), (tasks, r["passes"], False), (union, r["passes"], False)):
-            if ref is None:
-                cells.append("–")
+    plain_lines = ["", "| workload | hypergrad | plain pass | median s | passes | ideal s | step peak RSS MiB |",
+                   "|---|---|---|---|---|---|---|"]
+    for r in records:
+        times, peaks, passes = r["seconds"], r.get("step_peak_mib", {}), r["passes"]
+        rounds = len(next(iter(times.values())))
+        for variant, values in times.items():
+            if variant.startswith("plain_"):
+                plain_lines.append(f"| {r['workload']} | {r['method']} | {variant} | {_fmt(statistics.median(values), 3)} | "
+                                   f"{passes} | {_fmt(passes * statistics.median(values))} | {_fmt(peaks.get(variant), 0)} |")
                 continue
-            pairs = [(ref["median"] * scale, r["median"]), (ref["cpu_time_median"] * scale, r["cpu_time_median"])]
-            values = [_ratio(a, b) if invert else _ratio(b, a) for a, b in pairs]
-            cells.append(f"{_fmt(values[0])} / {_fmt(values[1])}")
-        memory = _ratio(r.get("step_peak_mib"), (union or {}).get("step_peak_mib"))
-        lines.append(f"| {r['workload']} | {r['method']} | {r['variant']} | {_fmt(r['median'])} | "
-                     f"{_fmt(r['cpu_time_median'])} | {' | '.join(cells)} | {_fmt(r.get('step_peak_mib'), 0)} | "
-                     f"{_fmt(memory)} |")
-    lines += ["", "| workload | plain pass | median s (wall) | median s (CPU) | passes | ideal s (wall) "
-                  "| step peak RSS MiB |", "|---|---|---|---|---|---|---|"]
-    for (workload, implementation), r in plain.items():
-        lines.append(f"| {workload} | {implementation} | {_fmt(r['median'], 3)} | {_fmt(r['cpu_time_median'], 3)} | "
-                     f"{r['passes']} | {_fmt(r['median'] * r['passes'])} | {_fmt(r.get('step_peak_mib'), 0)} |")
-    return "\n".join(lines)
+            speedup = _round_ratio(times, "baseline", variant)
+            ideal_tasks = _round_ratio(times, variant, "plain_tasks", passes)
+            ideal_union = _round_ratio(times, variant, "plain_union", passes)
+            memory = _ratio(peaks.get(variant), peaks.get("plain_union"))
+            lines.append(f"| {r['workload']} | {r['method']} | {variant} | {rounds} | {_fmt(statistics.median(values))} | "
+                         f"{_fmt(speedup)} | {_fmt(ideal_tasks)} | {_fmt(ideal_union)} | "
+                         f"{_fmt(peaks.get(variant), 0)} | {_fmt(memory)} |")
+    return "\n".join(lines + plain_lines)
 
 
 def gpu_table(records) -> str:

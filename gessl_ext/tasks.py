@@ -3,7 +3,9 @@
 Every per-task quantity in a GeSSL step (inner gradients, Hessian-vector products, embeddings) is a
 function of one flat parameter vector θ [P]. A task's code is written once, for one task, and
 :func:`run_tasks` maps it over the M tasks either one at a time (``"loop"``) or in chunks with
-``torch.func.vmap`` (``"vmap"``).
+``torch.func.vmap`` (``"vmap"``). The task's derivatives come from a problem object with one protocol
+and two implementations: :class:`TaskProblem` (``torch.func`` transforms, which compose with vmap)
+and :class:`EagerTaskProblem` (plain ``torch.autograd``, cheaper one task at a time).
 
 BatchNorm rule: every pass of the inner loop, the target, the head and the hypergradient normalises
 with the task's own batch statistics and leaves running statistics alone. Running statistics are

@@ -44,24 +44,21 @@ def _write_run(path, benchmarks):
     return path
 
 
-def test_cpu_table_ratios(tmp_path):
-    common = dict(suite="cpu", workload="w", threads=2, torch="x", passes=14)
+def test_cpu_table_ratios_are_medians_of_per_round_ratios(tmp_path):
+    seconds = {"default": [5.0, 6.0, 4.0], "baseline": [10.0, 9.0, 12.0],
+               "plain_tasks": [0.5, 0.4, 0.25], "plain_union": [0.25, 0.3, 0.5]}
+    peaks = {"default": 300.0, "baseline": 450.0, "plain_tasks": 100.0, "plain_union": 200.0}
     path = _write_run(tmp_path / "cpu.json", [
-        _bench("s", 5.0, method="fd", implementation="gessl", variant="default", cpu_time_median=4.0,
-               step_peak_mib=300.0, **common),
-        _bench("b", 10.0, method="fd", implementation="baseline", variant="baseline", cpu_time_median=12.0,
-               step_peak_mib=450.0, **common),
-        _bench("t", 0.5, method="plain", implementation="plain_tasks", variant="plain_tasks", cpu_time_median=0.25,
-               step_peak_mib=100.0, **common),
-        _bench("u", 0.25, method="plain", implementation="plain_union", variant="plain_union", cpu_time_median=0.5,
-               step_peak_mib=200.0, **common),
+        _bench("case", 20.0, suite="cpu", workload="w", method="fd", passes=10, threads=2, torch="x",
+               retained_freed_memory=True, seconds=seconds, step_peak_mib=peaks),
     ])
     table = cpu_table(load([path]))
-    # speedup 10/5 (wall), 12/4 (CPU); ideal 14*0.5=7 -> 5/7, 14*0.25=3.5 -> 4/3.5; union 3.5 -> 5/3.5, 7 -> 4/7
-    assert "| w | fd | default | 5.00 | 4.00 | 2.00 / 3.00 | 0.71 / 1.14 | 1.43 / 0.57 | 300 | 1.50 |" in table
-    assert "| w | fd | baseline | 10.00 | 12.00 | 1.00 / 1.00 | 1.43 / 3.43 | 2.86 / 1.71 | 450 | 2.25 |" in table
-    assert "| w | plain_union | 0.250 | 0.500 | 14 | 3.50 | 200 |" in table
-    assert "Test CPU (2 cores)" in table and "commit abc123" in table
+    # default: speedups 2, 1.5, 3 -> 2.00; ×ideal (tasks) 5/5, 6/4, 4/2.5 -> 1.50; ×union 5/2.5, 6/3, 4/5 -> 2.00
+    assert "| w | fd | default | 3 | 5.00 | 2.00 | 1.50 | 2.00 | 300 | 1.50 |" in table
+    # baseline: 1 by definition; ×ideal 10/5, 9/4, 12/2.5 -> 2.25; ×union 10/2.5, 9/3, 12/5 -> 3.00
+    assert "| w | fd | baseline | 3 | 10.00 | 1.00 | 2.25 | 3.00 | 450 | 2.25 |" in table
+    assert "| w | fd | plain_union | 0.300 | 10 | 3.00 | 200 |" in table
+    assert "Test CPU (2 cores)" in table and "commit abc123" in table and "freed memory retained" in table
 
 
 def test_gpu_table_ratios(tmp_path):
@@ -88,9 +85,8 @@ def test_write_replaces_only_the_marked_section(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text(text + "<!-- BEGIN gpu-table -->\nkeep\n<!-- END gpu-table -->\n")
     run = _write_run(tmp_path / "cpu.json", [_bench("u", 0.25, suite="cpu", workload="w", torch="x", passes=14,
-                                                     method="plain", implementation="plain_union",
-                                                     variant="plain_union", cpu_time_median=0.5)])
+                                                     method="fd", seconds={"plain_union": [0.25]})])
     main([str(run), "--write", str(results)])
     written = results.read_text()
     assert written.startswith("intro\n<!-- BEGIN cpu-table -->\n- `cpu.json`") and "\nkeep\n" in written
-    assert "| w | plain_union | 0.250 | 0.500 | 14 | 3.50 | – |" in written
+    assert "| w | fd | plain_union | 0.250 | 14 | 3.50 | – |" in written

@@ -13,4 +13,4 @@ def test_benchmark_suites_run_in_quick_mode():
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     summary = done.stdout.strip().splitlines()[-1]
     passed = int(summary.split(" passed")[0].split()[-1])
-    assert passed >= 18, summary  # the CPU step suite alone has 18 configurations
+    assert passed >= 16, summary  # 5 CPU step cases, the GPU suite's CPU-runnable checks, the ops suite

@@ -77,26 +77,28 @@ def cpu_table(records) -> str:
         return "_no CPU results_"
     lines = [
         _contexts(records), "",
-        "| workload | hypergrad | implementation | rounds | median s | speedup vs baseline "
+        "| workload | hypergrad | malloc | implementation | rounds | median s | speedup vs baseline "
         "| × ideal (tasks one at a time) | × ideal (union batch) | step peak RSS MiB | × plain union step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    plain_lines = ["", "| workload | hypergrad | plain pass | median s | passes | ideal s | step peak RSS MiB |",
-                   "|---|---|---|---|---|---|---|"]
+    plain_lines = ["", "| workload | hypergrad | malloc | plain pass | median s | passes | ideal s | step peak RSS MiB |",
+                   "|---|---|---|---|---|---|---|---|"]
     for r in records:
         times, peaks, passes = r["seconds"], r.get("step_peak_mib", {}), r["passes"]
         rounds = len(next(iter(times.values())))
+        malloc = {True: "retained", False: "default"}.get(r.get("retained_freed_memory"), "?")
         for variant, values in times.items():
             if variant.startswith("plain_"):
-                plain_lines.append(f"| {r['workload']} | {r['method']} | {variant} | {_fmt(statistics.median(values), 3)} | "
-                                   f"{passes} | {_fmt(passes * statistics.median(values))} | {_fmt(peaks.get(variant), 0)} |")
+                median = statistics.median(values)
+                plain_lines.append(f"| {r['workload']} | {r['method']} | {malloc} | {variant} | {_fmt(median, 3)} | "
+                                   f"{passes} | {_fmt(passes * median)} | {_fmt(peaks.get(variant), 0)} |")
                 continue
             speedup = _round_ratio(times, "baseline", variant)
             ideal_tasks = _round_ratio(times, variant, "plain_tasks", passes)
             ideal_union = _round_ratio(times, variant, "plain_union", passes)
             memory = _ratio(peaks.get(variant), peaks.get("plain_union"))
-            lines.append(f"| {r['workload']} | {r['method']} | {variant} | {rounds} | {_fmt(statistics.median(values))} | "
-                         f"{_fmt(speedup)} | {_fmt(ideal_tasks)} | {_fmt(ideal_union)} | "
+            lines.append(f"| {r['workload']} | {r['method']} | {malloc} | {variant} | {rounds} | "
+                         f"{_fmt(statistics.median(values))} | {_fmt(speedup)} | {_fmt(ideal_tasks)} | {_fmt(ideal_union)} | "
                          f"{_fmt(peaks.get(variant), 0)} | {_fmt(memory)} |")
     return "\n".join(lines + plain_lines)
 

@@ -11,6 +11,7 @@ L = mean_l L_l; dL/dθ is written to ``.grad`` so the user's optimizer applies E
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from dataclasses import dataclass
@@ -57,15 +58,22 @@ class StepOutput:
 
 # --- Algorithm 1, one task --------------------------------------------------------------------------
 
-def inner_loop(problem: TaskProblem, theta: Tensor, steps: int, stats):
-    """K SGD steps from θ (Eq. 2). Returns ([θ⁰, …, θᴷ], ℓ(θ⁰)); the first pass updates ``stats``."""
-    trajectory = [theta]
-    grad, ssl_loss = problem.grad_and_loss(theta, stats)
-    for k in range(steps):
-        if k > 0:
-            grad = problem.grad(trajectory[-1])
-        trajectory.append(trajectory[-1] - problem.inner_lr * grad)
-    return trajectory, ssl_loss
+def inner_loop(problem: TaskProblem, theta: Tensor, steps: int, stats, record_graph: bool = False):
+    """K SGD steps from θ (Eq. 2). Returns ([θ⁰, …, θᴷ], ℓ(θ⁰)); the first pass updates ``stats``.
+
+    ``record_graph`` (one task at a time, for strategies that differentiate the inner loop) keeps the
+    iterates' autograd graph back to θ⁰, so the strategy need not run the loop again.
+    """
+    if record_graph:
+        theta = theta.detach().requires_grad_()
+    with problem.second_order() if record_graph else contextlib.nullcontext():
+        trajectory = [theta]
+        grad, ssl_loss = problem.grad_and_loss(theta, stats)
+        for k in range(steps):
+            if k > 0:
+                grad = problem.grad(trajectory[-1])
+            trajectory.append(trajectory[-1] - problem.inner_lr * grad)
+    return trajectory, ssl_loss.detach()
 
 
 def self_motivated_target(problem: TaskProblem, adapted: AdaptedPoint, steps: int):
@@ -208,11 +216,13 @@ class GeSSLStep(nn.Module):
         plain_batchnorm = vmapped and self.hypergrad == "itd"
         problem_type = TaskProblem if vmapped else EagerTaskProblem
         problem = problem_type(self.task_model, views[0], views[1], self.config.inner_lr, consts, plain_batchnorm)
-        trajectory, ssl_loss = inner_loop(problem, theta, self.config.inner_steps, stats or None)
+        strategy = HYPERGRADIENTS[self.hypergrad]
+        record_graph = not vmapped and getattr(strategy, "differentiates_inner_loop", False)
+        trajectory, ssl_loss = inner_loop(problem, theta, self.config.inner_steps, stats or None, record_graph)
         adapted = problem.adapted(trajectory[-1])
         target = self_motivated_target(problem, adapted, self.target_steps)
         loss, outer_grad = outer_loss_and_grad(adapted, target, self.head, self.config.use_kernels)
-        hypergrad = HYPERGRADIENTS[self.hypergrad](problem, trajectory, outer_grad, self.config)
+        hypergrad = strategy(problem, trajectory, outer_grad, self.config)
         return hypergrad.detach(), (loss.detach(), ssl_loss.detach(), stats)
 
     def _hypergradient(self, views: Tensor):

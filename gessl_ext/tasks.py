@@ -220,8 +220,9 @@ class TaskProblem:
         """(∇_θ fn(θ, *args) [P], fn(θ, *args)) for a scalar fn."""
         return grad_and_value(fn)(theta, *args)
 
-    def vjp(self, fn: Callable, theta: Tensor, cotangent: Tensor) -> Tensor:
-        """cotangentᵀ ∂fn/∂θ [P] for fn: [P] → [P]."""
+    def vjp(self, fn: Callable, theta: Tensor, cotangent: Tensor, value: Tensor | None = None) -> Tensor:
+        """cotangentᵀ ∂fn/∂θ [P] for fn: [P] → [P]. ``value``: fn(θ) if already computed; the eager problem
+        differentiates it directly when it carries its autograd graph back to θ, instead of calling fn."""
         return vjp(fn, theta)[1](cotangent)[0]
 
     def hvp(self, theta: Tensor, v: Tensor) -> Tensor:
@@ -283,7 +284,9 @@ class EagerTaskProblem(TaskProblem):
             (grad_x,) = torch.autograd.grad(value, x, create_graph=differentiable)
         return grad_x, value if differentiable else value.detach()
 
-    def vjp(self, fn, theta, cotangent):
+    def vjp(self, fn, theta, cotangent, value=None):
+        if value is not None and theta.requires_grad and value.requires_grad:
+            return torch.autograd.grad(value, theta, cotangent)[0]
         x = theta.detach().requires_grad_()
         with torch.enable_grad():
             return torch.autograd.grad(fn(x), x, cotangent)[0]

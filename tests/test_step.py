@@ -100,11 +100,12 @@ def test_loop_vmap_and_chunked_vmap_agree(hypergrad):
     assert rel(results[2], results[0]) < 1e-10
 
 
-@pytest.mark.parametrize("hypergrad, extra_loop, extra_vmap", [("fd", 2, 2), ("hvp", 1, 1), ("itd", 1, 1)])
+@pytest.mark.parametrize("hypergrad, extra_loop, extra_vmap", [("fd", 2, 2), ("hvp", 1, 1), ("itd", 0, 1)])
 def test_one_task_at_a_time_shares_the_forward_at_the_adapted_weights(hypergrad, extra_loop, extra_vmap):
     """Model forwards per step, K = 1, λ = 3: inner 1, target λ + its embedding 1, outer 1, hypergradient's own.
-    The loop takes the outer loss's embeddings from the target's first pass (one forward less per task);
-    vmap runs each forward once per chunk (all M tasks), separately."""
+    The loop takes the outer loss's embeddings from the target's first pass (one forward less per task) and,
+    for itd, differentiates the inner loop's recorded graph; vmap runs each forward once per chunk (all M
+    tasks), separately, and runs the inner loop again for itd."""
     model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 6)).double()
     calls = []
     model.register_forward_pre_hook(lambda module, args: calls.append(1))

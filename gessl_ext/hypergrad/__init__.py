@@ -7,6 +7,9 @@ only with these, since one task at a time they run on plain autograd),
 ``trajectory`` is the list [θ⁰ = θ, θ¹, …, θᴷ] of inner iterates (each [P]), ``outer_grad`` is
 v = ∂L/∂θᴷ [P], and ``config`` a :class:`HypergradConfig`. The result is dL/dθ for that task.
 Strategies run under ``torch.func.vmap``: fixed iteration counts, no ``.item()``, no branching on values.
+A strategy that differentiates the inner loop itself sets ``method.differentiates_inner_loop = True``; one
+task at a time the trajectory then keeps its graph back to θ⁰ (``itd`` passes ``value=trajectory[-1]`` to
+``problem.vjp`` and saves re-running the loop).
 """
 from __future__ import annotations
 

@@ -54,10 +54,10 @@ def test_cpu_table_ratios_are_medians_of_per_round_ratios(tmp_path):
     ])
     table = cpu_table(load([path]))
     # default: speedups 2, 1.5, 3 -> 2.00; ×ideal (tasks) 5/5, 6/4, 4/2.5 -> 1.50; ×union 5/2.5, 6/3, 4/5 -> 2.00
-    assert "| w | fd | default | 3 | 5.00 | 2.00 | 1.50 | 2.00 | 300 | 1.50 |" in table
+    assert "| w | fd | retained | default | 3 | 5.00 | 2.00 | 1.50 | 2.00 | 300 | 1.50 |" in table
     # baseline: 1 by definition; ×ideal 10/5, 9/4, 12/2.5 -> 2.25; ×union 10/2.5, 9/3, 12/5 -> 3.00
-    assert "| w | fd | baseline | 3 | 10.00 | 1.00 | 2.25 | 3.00 | 450 | 2.25 |" in table
-    assert "| w | fd | plain_union | 0.300 | 10 | 3.00 | 200 |" in table
+    assert "| w | fd | retained | baseline | 3 | 10.00 | 1.00 | 2.25 | 3.00 | 450 | 2.25 |" in table
+    assert "| w | fd | retained | plain_union | 0.300 | 10 | 3.00 | 200 |" in table
     assert "Test CPU (2 cores)" in table and "commit abc123" in table and "freed memory retained" in table
 
 
@@ -89,4 +89,4 @@ def test_write_replaces_only_the_marked_section(tmp_path):
     main([str(run), "--write", str(results)])
     written = results.read_text()
     assert written.startswith("intro\n<!-- BEGIN cpu-table -->\n- `cpu.json`") and "\nkeep\n" in written
-    assert "| w | fd | plain_union | 0.250 | 14 | 3.50 | – |" in written
+    assert "| w | fd | ? | plain_union | 0.250 | 14 | 3.50 | – |" in written

@@ -37,7 +37,7 @@ class QuadraticProblem:
     def hvp(self, theta: Tensor, v: Tensor) -> Tensor:
         return self.matrix @ v
 
-    def vjp(self, fn, theta: Tensor, cotangent: Tensor) -> Tensor:
+    def vjp(self, fn, theta: Tensor, cotangent: Tensor, value=None) -> Tensor:
         return torch.func.vjp(fn, theta)[1](cotangent)[0]
 
 

@@ -133,7 +133,7 @@ QUICK = {
     "fewshot_episodes": 300,
     "eval_tasks": 8,
 }
-"""``--quick``: the README's main job, a few minutes on a 2-core CPU with real accuracies."""
+"""``--quick``: the README's main job, under a minute on an idle 2-core CPU, with real accuracies."""
 
 
 def defaults() -> dict:
@@ -218,7 +218,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
                         help="settings from a YAML file (command-line flags win)")
     parser.add_argument("--quick", action="store_true", default=argparse.SUPPRESS,
-                        help="small preset: a few minutes on a 2-core CPU (" +
+                        help="small preset: under a minute on an idle 2-core CPU (" +
                              ", ".join(f"{k}={v}" for k, v in QUICK.items()) + ")")
     parser.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
                         help="continue the run in --out from its last checkpoint")

@@ -60,3 +60,12 @@ def test_training_identity_ignores_only_resumable_settings():
     cosine = {**a, "lr_schedule": "cosine"}
     assert training_identity(cosine) != training_identity({**cosine, "epochs": 50})
     assert set(defaults()) <= set(a)
+
+
+def test_retain_freed_memory_is_on_by_default_and_can_be_turned_off():
+    from gessl_ext.train.cli import train_parser
+
+    assert resolve({})["retain_freed_memory"] is True
+    given = vars(train_parser().parse_args(["--no-retain-freed-memory"]))
+    assert resolve(given)["retain_freed_memory"] is False
+    assert "retain_freed_memory" not in training_identity(resolve({}))   # may change on --resume

@@ -66,7 +66,7 @@ def inner_loop(problem: TaskProblem, theta: Tensor, steps: int, stats, record_gr
     """
     if record_graph:
         theta = theta.detach().requires_grad_()
-    with problem.second_order() if record_graph else contextlib.nullcontext():
+    with problem.second_order() if record_graph else contextlib.nullcontext(), torch.enable_grad():
         trajectory = [theta]
         grad, ssl_loss = problem.grad_and_loss(theta, stats)
         for k in range(steps):

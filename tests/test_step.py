@@ -116,6 +116,19 @@ def test_one_task_at_a_time_shares_the_forward_at_the_adapted_weights(hypergrad,
         assert len(calls) == expected, (batching, len(calls))
 
 
+@pytest.mark.parametrize("hypergrad", ["fd", "hvp", "itd", "first_order", "neumann", "cg"])
+def test_step_inside_no_grad_gives_the_same_hypergradient(hypergrad):
+    """Validation loops and trainers may call the step under torch.no_grad(); it builds its own graphs."""
+    base, views = mlp(), torch.randn(3, 2, 4, 5, dtype=torch.float64)
+    results = []
+    for context in (torch.enable_grad, torch.no_grad):
+        model = copy.deepcopy(base)
+        with context():
+            GeSSLStep(model, SIMCLR, hypergrad=hypergrad, target_steps=2)(views)
+        results.append(grads(model))
+    assert rel(results[1], results[0]) < 1e-12
+
+
 class EmbedsTwice(losses.SimCLR):
     """Declares embeds_views_once (inherited) but embeds each view separately."""
 

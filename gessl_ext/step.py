@@ -212,12 +212,13 @@ class GeSSLStep(nn.Module):
 
     def _task(self, theta: Tensor, views: Tensor, stats, consts, vmapped):
         """Algorithm 1 for one task: views [2, N, ...] → (dL_l/dθ [P], (L_l, ℓ_l(θ), stats))."""
-        # itd differentiates twice in reverse mode, which torch's BatchNorm cannot do under vmap
-        plain_batchnorm = vmapped and self.hypergrad == "itd"
+        strategy = HYPERGRADIENTS[self.hypergrad]
+        unrolls = getattr(strategy, "differentiates_inner_loop", False)
+        # differentiating the inner loop is reverse-over-reverse, which torch's BatchNorm cannot do under vmap
+        plain_batchnorm = vmapped and unrolls
         problem_type = TaskProblem if vmapped else EagerTaskProblem
         problem = problem_type(self.task_model, views[0], views[1], self.config.inner_lr, consts, plain_batchnorm)
-        strategy = HYPERGRADIENTS[self.hypergrad]
-        record_graph = not vmapped and getattr(strategy, "differentiates_inner_loop", False)
+        record_graph = not vmapped and unrolls
         trajectory, ssl_loss = inner_loop(problem, theta, self.config.inner_steps, stats or None, record_graph)
         adapted = problem.adapted(trajectory[-1])
         target = self_motivated_target(problem, adapted, self.target_steps)

@@ -69,10 +69,11 @@ class _Joint(nn.Module):
 
         loss = self.objective(embed, x1, x2)
         if len(embedded) != 1 or embedded[0].shape[0] != 2 * x1.shape[0]:
+            shapes = [tuple(z.shape) for z in embedded]
             raise RuntimeError(
                 f"{type(self.objective).__name__} sets embeds_views_once = True but its forward called embed "
-                f"{len(embedded)} time(s) (on {[tuple(z.shape) for z in embedded]}); it must call embed(torch.cat([x1, x2])) "
-                "exactly once, or set embeds_views_once = False")
+                f"{len(embedded)} time(s) (outputs {shapes}); it must call embed(torch.cat([x1, x2])) exactly once, "
+                "or set embeds_views_once = False")
         return (loss, *embedded[0].chunk(2))
 
 

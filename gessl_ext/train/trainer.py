@@ -17,10 +17,13 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
+from gessl_ext import GeSSLStep, NonSmoothModelWarning, losses
+from gessl_ext import distributed as gdist
 from gessl_ext.allocator import retain_freed_memory
 
 from . import report
@@ -39,8 +42,6 @@ class RunError(ValueError):
 
 def build_objective(cfg: dict):
     """The SSL objective of ``cfg['method']`` (an unbound gessl_ext.losses.SSLObjective)."""
-    from gessl_ext import losses
-
     method, dim, temperature = cfg["method"], cfg["proj_dim"], cfg["temperature"]
     if method == "simclr":
         return losses.SimCLR(temperature=temperature if temperature is not None else 0.5)
@@ -92,8 +93,6 @@ class Run:
     """Everything a run needs, prepared and checked without writing anything."""
 
     def __init__(self, cfg: dict, distributed: bool = False):
-        from gessl_ext import distributed as gdist
-
         self.wall_offset, self.wall_start = 0.0, time.perf_counter()
         self.cpu_offset, self.cpu_start = 0.0, time.process_time()
         self.cfg = cfg
@@ -137,10 +136,6 @@ class Run:
         objective = build_objective(cfg).to(self.device)
         amp = torch.bfloat16 if cfg["amp"] == "bf16" else None
         if cfg["gessl"]:
-            import warnings
-
-            from gessl_ext import GeSSLStep, NonSmoothModelWarning
-
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 self.step = GeSSLStep(self.model, objective, inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"],
@@ -218,8 +213,6 @@ class Run:
         for key in self.state:
             self.state[key] = ckpt["state"][key]
         self.wall_offset, self.cpu_offset = ckpt["wall_seconds"], ckpt["cpu_seconds"]
-        from gessl_ext import distributed as gdist
-
         gdist.broadcast_state(self.step)
 
     def lr_at(self, global_step: int) -> float:
@@ -243,8 +236,6 @@ class Run:
         return entry
 
     def train_step(self, groups, generator) -> dict:
-        from gessl_ext import distributed as gdist
-
         cfg = self.cfg
         t0, cpu0 = time.perf_counter(), time.process_time()
         views = self.sampler.views(groups, generator, self.device)   # all M tasks, identical on every rank
@@ -290,8 +281,6 @@ def run_training(cfg: dict) -> dict:
     Under ``torchrun`` the M tasks of every step are sharded over the ranks (gessl_ext.distributed);
     rank 0 alone evaluates and writes files; the metrics it returns are empty dicts on the other ranks.
     """
-    from gessl_ext import distributed as gdist
-
     owns_group = not gdist.is_initialized()
     try:
         distributed = gdist.init_from_env()
@@ -308,8 +297,6 @@ def run_training(cfg: dict) -> dict:
 
 
 def _train(run: Run) -> dict:
-    from gessl_ext import distributed as gdist
-
     cfg, out, main = run.cfg, run.out, run.main
     if main:
         for note in run.notes:

@@ -1,13 +1,13 @@
-"""Build script for gessl_ext.
+"""The optional C++/CUDA extension of gessl_ext; everything else is declared in pyproject.toml.
 
-The pure-Python package (``gessl_ext``, plus the Triton kernels in ``kernels/``
-installed as ``gessl_ext.kernels``) always installs. The C++/CUDA extension in
-``csrc/`` is compiled only when ``GESSL_EXT_BUILD_CUDA`` allows it (see
-``_want_cuda_extension``); without it every op falls back to its PyTorch path.
+The pure-Python package (``gessl_ext``, plus the Triton kernels in ``kernels/`` installed as
+``gessl_ext.kernels``) always installs. The extension ``gessl_ext._C`` (csrc/) is compiled only when
+``GESSL_EXT_BUILD_CUDA`` allows it (see ``_want_cuda_extension``); without it every op falls back to
+its PyTorch path. A build that should see the installed torch needs ``pip install --no-build-isolation``.
 """
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 
 def _want_cuda_extension():
@@ -52,25 +52,4 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="gessl_ext",
-    version="0.1.0",
-    description="GeSSL (generalised self-supervised learning) as a drop-in PyTorch training step",
-    python_requires=">=3.10",
-    packages=find_packages(include=["gessl_ext", "gessl_ext.*"]) + ["gessl_ext.kernels"],
-    package_dir={"gessl_ext.kernels": "kernels"},
-    install_requires=["torch>=2.4"],
-    extras_require={
-        "train": ["torchvision>=0.19", "tqdm>=4.60", "matplotlib>=3.5", "scikit-learn>=1.2", "pyyaml>=5.4"],
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
-        "cuda": ["triton>=3.0", "ninja>=1.10", "pybind11>=2.10"],
-    },
-    entry_points={
-        "console_scripts": [
-            "gessl-train=gessl_ext.train.cli:train_main",
-            "gessl-compare=gessl_ext.train.cli:compare_main",
-        ]
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from gessl_ext.inner import sgd_update, sgd_update_vjp
 from gessl_ext.losses import as_objective
 
 Tensor = torch.Tensor
@@ -76,12 +77,14 @@ class BaselineLoopStep:
         return torch.autocast(device_type, dtype=self.autocast_dtype)
 
     def _ssl_loss(self, params: dict, x1: Tensor, x2: Tensor, buffers: dict) -> Tensor:
-        def embed(x):
-            return functional_call(self.model, {**params, **buffers}, (x,))
+        dtype = next(iter(params.values())).dtype
 
-        with self._autocast(x1.device.type):
-            loss = self.objective(embed, x1, x2)
-        return loss.to(next(iter(params.values())).dtype)
+        def embed(x):  # the network under autocast, the loss in the parameters' dtype (as GeSSLStep)
+            with self._autocast(x.device.type):
+                z = functional_call(self.model, {**params, **buffers}, (x,))
+            return z.to(dtype)
+
+        return self.objective(embed, x1, x2)
 
     def _embed(self, params: dict, x1: Tensor, x2: Tensor, buffers: dict):
         with self._autocast(x1.device.type):
@@ -132,13 +135,13 @@ class BaselineLoopStep:
             if k == 0:
                 ssl_loss = loss.detach()
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
-            step = {n: p - self.inner_lr * g for (n, p), g in zip(params.items(), grads)}
+            step = {n: sgd_update(p, g, self.inner_lr) for (n, p), g in zip(params.items(), grads)}
             trajectory.append(step if create_graph else self._leaf(step))
 
         target = self._leaf(trajectory[-1])
         for _ in range(self.target_steps):
             grads = self._grad(target, x1, x2, scratch)
-            target = self._leaf({n: p - self.inner_lr * grads[n] for n, p in target.items()})
+            target = self._leaf({n: sgd_update(p, grads[n], self.inner_lr) for n, p in target.items()})
         with torch.no_grad():
             target_log_probs = pair_log_probs(*self._embed(target, x1, x2, scratch), self.temperature)
 
@@ -153,7 +156,7 @@ class BaselineLoopStep:
         for params in reversed(trajectory[:-1]):
             hu = self._fd_hvp(params, u, x1, x2, scratch) if self.hypergrad == "fd" else \
                 self._exact_hvp(params, u, x1, x2, scratch)
-            u = {n: u[n] - self.inner_lr * hu[n] for n in u}
+            u = {n: sgd_update_vjp(u[n], hu[n], self.inner_lr) for n in u}
         return u, kl.detach(), ssl_loss
 
     def _fd_hvp(self, params: dict, u: dict, x1, x2, scratch) -> dict:

@@ -7,8 +7,8 @@
   d = 128, fp32 and bf16: the fused Triton op vs the eager reference. ``extra_info`` holds the peak
   memory the call adds (and per task, in units of N*d*4 bytes) and, for the fused op, the speedup over
   the eager run of the same group.
-* Bandwidth ops (fd_perturb, fd_update, task_sgd with and without the norm) over ResNet-50-sized
-  parameter rows (P = 25,557,032; 1 task and 8 tasks): the CUDA kernels vs the references, with the
+* Bandwidth ops (fd_perturb, fd_update) over ResNet-50-sized parameter rows (P = 25,557,032; 1 task
+  and 8 tasks): the CUDA kernels vs the references, with the
   bytes each op must move at least, the achieved GB/s, and the fraction of the copy bandwidth
   (``dst.copy_(src)``, 2 bytes moved per byte copied) measured in the same run.
 CPU variants use small sizes so the file stays alive where there is no GPU. The CUDA cases are the
@@ -99,7 +99,7 @@ def _row_length(device, quick):
 
 
 # op name -> (minimal bytes moved per element of one [rows, P] operand, in units of the element size)
-BANDWIDTH_OPS = {"copy": 2, "fd_perturb": 5, "fd_update": 4, "task_sgd": 3, "task_sgd_norm": 3}
+BANDWIDTH_OPS = {"copy": 2, "fd_perturb": 5, "fd_update": 4}
 
 
 def _bandwidth_call(op, impl, tensors):
@@ -110,8 +110,6 @@ def _bandwidth_call(op, impl, tensors):
     table = {
         "fd_perturb": lambda: (ops.fd_perturb if fast else ops.fd_perturb_reference)(theta, u, 0.01),
         "fd_update": lambda: (ops.fd_update if fast else ops.fd_update_reference)(u, g_plus, g_minus, eps, 0.1),
-        "task_sgd": lambda: (ops.task_sgd if fast else ops.task_sgd_reference)(theta, g_plus, 0.05),
-        "task_sgd_norm": lambda: (ops.task_sgd if fast else ops.task_sgd_reference)(theta, g_plus, 0.05, True),
     }
     return table[op]
 
@@ -161,7 +159,7 @@ def test_bandwidth(benchmark, request, copy_bandwidth, op, impl, device, tasks):
     moved = BANDWIDTH_OPS[op] * theta.numel() * theta.element_size()
     benchmark.group = f"bandwidth {device} M={tasks} P={p} {op}"
     benchmark.extra_info.update(bytes_per_op=moved, ops_per_call=repeats,
-                                backend=ops.kernels_info().get(op.removesuffix("_norm"), "torch")
+                                backend=ops.kernels_info().get(op, "torch")
                                 if device == "cuda" and impl == "kernel" else "torch")
     benchmark(run)
     if benchmark.disabled:

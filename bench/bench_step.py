@@ -53,17 +53,20 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cpu_threads():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(CPU_THREADS)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def quick(request) -> bool:
     return quick_mode(request.config)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_threads(quick):
+    """CPU_THREADS intra-op threads while measuring. ``--quick`` measures nothing and keeps the caller's
+    setting (CI runs it with OMP_NUM_THREADS=1): two spinning threads on a 2-core machine shared with other
+    work made the quick run 10-20x slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(saved if quick else CPU_THREADS)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +96,8 @@ def test_cpu(benchmark, quick, retained_memory, workload, method, rounds, varian
     runs = {}
     for variant in variants:
         implementation, options = VARIANTS[variant]
-        warm_up(workload, implementation, method, **options)
+        if benchmark.enabled:  # keeps one-time set-up out of the timings; nothing is timed when disabled
+            warm_up(workload, implementation, method, **options)
         runs[variant] = build(workload, implementation, method, **options)
     views = workload.views()
     seconds = {variant: [] for variant in variants}
@@ -103,8 +107,8 @@ def test_cpu(benchmark, quick, retained_memory, workload, method, rounds, varian
     benchmark.pedantic(interleaved_round, args=(runs, views, seconds, counter), rounds=rounds,
                        warmup_rounds=warmup_rounds)
     benchmark.extra_info.update(
-        suite="cpu", workload=workload.name, method=method, passes=workload.ideal_passes, threads=CPU_THREADS,
-        torch=torch.__version__, retained_freed_memory=retained_memory, quick=quick,
+        suite="cpu", workload=workload.name, method=method, passes=workload.ideal_passes,
+        threads=torch.get_num_threads(), torch=torch.__version__, retained_freed_memory=retained_memory, quick=quick,
         seconds={variant: times[-rounds:] for variant, times in seconds.items()},
     )
     if benchmark.enabled:

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from baseline_loop import BaselineLoopStep  # noqa: E402
 
 from gessl_ext import GeSSLStep, losses  # noqa: E402
+from gessl_ext.hypergrad import FD  # noqa: E402
 from gessl_ext.train.models import build_model  # noqa: E402
 
 STEP = dict(inner_lr=0.05, inner_steps=1, target_steps=3, head_temperature=0.1)
@@ -74,7 +75,7 @@ WORKLOADS = {
 }
 
 
-def hypergradient(model: nn.Module, views: torch.Tensor, method: str, **kwargs) -> tuple[torch.Tensor, float]:
+def hypergradient(model: nn.Module, views: torch.Tensor, method, **kwargs) -> tuple[torch.Tensor, float]:
     """(dL/dθ [P] of one step on a fresh copy of ``model``, wall seconds)."""
     model = copy.deepcopy(model)
     start = time.perf_counter()
@@ -98,7 +99,7 @@ def measure(workload: Workload, seed: int, log) -> dict:
     runs = {"itd": dict(method="itd", task_batching="loop"),
             "itd, autograd loop": dict(method="itd", baseline=True),
             "first_order": dict(method="first_order", task_batching="loop"),
-            **{f"fd r = {r:g}": dict(method="fd", fd_radius=r, task_batching="loop") for r in RADII},
+            **{f"fd r = {r:g}": dict(method=FD(radius=r), task_batching="loop") for r in RADII},
             "hvp": dict(method="hvp", task_batching="loop")}
     grads = {}
     for name, kwargs in runs.items():
@@ -173,7 +174,7 @@ def cost_table(repeats: int) -> str:
         seconds = min_seconds(steps, repeats)
         base = seconds["first_order"]
         lines += ["", f"Whole step, M = {num_tasks} tasks, K = {inner_steps}, λ = {STEP['target_steps']}, "
-                  "implicit_iters = 5 (loop over tasks):", "",
+                  "iters = 5 (loop over tasks):", "",
                   "| method | CPU s per step | × first_order | extra gradient passes per task |", "|---|---|---|---|"]
         lines += [f"| {method} | {sec:.2f} | {sec / base:.2f} | {(sec - base) / num_tasks / grad_seconds:.1f} |"
                   for method, sec in seconds.items()]

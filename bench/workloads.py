@@ -27,7 +27,7 @@ from gessl_ext.train.models import build_model
 from baseline_loop import BaselineLoopStep
 
 IMPLEMENTATIONS = ("gessl", "baseline", "plain_tasks", "plain_union")
-HYPERPARAMETERS = dict(inner_lr=0.05, head_temperature=0.1, fd_radius=0.01)
+HYPERPARAMETERS = dict(inner_lr=0.05, head_temperature=0.1)  # fd: its default radius 0.01 in both implementations
 SIMCLR_TEMPERATURE = 0.5
 
 
@@ -91,7 +91,7 @@ def build(workload: Workload, implementation: str, method: str = "fd", device="c
     objective = losses.SimCLR(temperature=SIMCLR_TEMPERATURE)
     settings = dict(inner_lr=HYPERPARAMETERS["inner_lr"], inner_steps=workload.inner_steps,
                     target_steps=workload.target_steps, hypergrad=method,
-                    head_temperature=HYPERPARAMETERS["head_temperature"], fd_radius=HYPERPARAMETERS["fd_radius"],
+                    head_temperature=HYPERPARAMETERS["head_temperature"],
                     autocast_dtype=autocast_dtype)
     if implementation == "gessl":
         run = GeSSLStep(model, objective, warn_nonsmooth=False, **settings, **gessl_options)

@@ -18,8 +18,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_perturb_cuda(
 at::Tensor fd_update_cuda(const at::Tensor& u, const at::Tensor& g_plus, const at::Tensor& g_minus,
                           const at::Tensor& eps, double alpha, bool poison);
 
-// theta, grad: [rows, cols]. Returns (theta - lr*grad, ||grad_row|| [rows] or an empty [0] tensor).
-std::tuple<at::Tensor, at::Tensor> task_sgd_cuda(const at::Tensor& theta, const at::Tensor& grad, double lr,
-                                                 bool return_norm, bool poison);
-
 }  // namespace gessl_ext

@@ -7,24 +7,45 @@ direction is infinite or undefined, so the worked example's direction is the one
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from .head import PairHead
 
 
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module):
+    """Every submodule in eval mode inside the block; each one's own ``training`` flag restored after it."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
 @torch.no_grad()
 def sigma_measure(model: nn.Module, views: torch.Tensor, head_temperature: float = 0.1, head=None):
-    """σ over unseen tasks. views [M, 2, N, *input_shape] → (σ total, σ per sample = total / (M·2N))."""
+    """σ over unseen tasks (Definition 3.2): (σ total, σ per sample = total / (M·2N)), float64 0-dim tensors.
+
+    views: [M, 2, N ≥ 2, *input_shape] on the model's device. The model is measured as a trained model is
+    evaluated: in eval mode (BatchNorm normalises with its running statistics, dropout is off), one forward of
+    each task's 2N inputs, and left exactly as it was (training flags restored, no buffer changes). π is
+    ``head`` (a callable ``head(z1, z2) -> log_probs [2N, N]``) or :class:`PairHead` with τ = ``head_temperature``.
+    Raises ValueError for views of another shape.
+    """
     if not isinstance(views, torch.Tensor) or views.dim() < 4 or views.shape[1] != 2 or views.shape[2] < 2:
         shape = tuple(views.shape) if isinstance(views, torch.Tensor) else type(views).__name__
         raise ValueError(f"views must have shape [M, 2, N>=2, *input_shape], got {shape}")
     head = head if head is not None else PairHead(head_temperature)
     num_tasks, _, n = views.shape[:3]
+    truth = torch.arange(n, device=views.device).repeat(2)
     total = views.new_zeros((), dtype=torch.float64)
-    for task in views:
-        z1, z2 = model(torch.cat([task[0], task[1]])).chunk(2)
-        log_probs = head(z1, z2)
-        truth = torch.arange(n, device=views.device).repeat(2)
-        total += -log_probs.gather(1, truth[:, None]).double().sum()
+    with evaluation_mode(model):
+        for task in views:
+            z1, z2 = model(torch.cat([task[0], task[1]])).chunk(2)
+            total += -head(z1, z2).gather(1, truth[:, None]).double().sum()
     return total, total / (num_tasks * 2 * n)

@@ -11,8 +11,8 @@ L = mean_l L_l; dL/dθ is written to ``.grad`` so the user's optimizer applies E
 """
 from __future__ import annotations
 
-import contextlib
 import functools
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -21,8 +21,8 @@ from torch import nn
 
 from .distributed import gather_views, reduce_across_ranks, task_local_batchnorm
 from .head import PairHead, outer_kl
-from .hypergrad import HYPERGRADIENTS, HypergradConfig
-from .losses import SSLObjective, as_objective
+from .hypergrad import FD, Hypergradient, resolve
+from .losses import as_objective
 from .tasks import (AdaptedPoint, EagerTaskProblem, TaskModel, TaskProblem, fold_running_stats, per_task_copies,
                     run_tasks)
 
@@ -42,11 +42,12 @@ class NonSmoothModelWarning(UserWarning):
 
 @dataclass
 class StepOutput:
-    """What one step measured (all detached).
+    """What one step measured (all detached, in the parameters' dtype, on their device; covering every rank's
+    tasks in a distributed step).
 
-    loss: L, the mean outer KL over tasks (0-dim). ssl_loss: mean SSL loss at θ over tasks (0-dim).
-    kl: per-task outer KL [M]. hypergrad_norm: ‖dL/dθ‖ (0-dim). skipped: True when a non-finite value
-    was found and nothing was written.
+    loss: L = mean_l KL(π(target_l) ‖ π(θᴷ_l)), the outer loss (0-dim, nats). ssl_loss: mean over tasks of the SSL
+    loss at the shared θ (0-dim). kl: per-task outer KL [M] (nats). hypergrad_norm: ‖dL/dθ‖₂ (0-dim).
+    skipped: True when L or dL/dθ was not finite and nothing was written.
     """
 
     loss: Tensor
@@ -58,21 +59,17 @@ class StepOutput:
 
 # --- Algorithm 1, one task --------------------------------------------------------------------------
 
-def inner_loop(problem: TaskProblem, theta: Tensor, steps: int, stats, record_graph: bool = False):
+def inner_loop(problem: TaskProblem, theta: Tensor, steps: int, stats):
     """K SGD steps from θ (Eq. 2). Returns ([θ⁰, …, θᴷ], ℓ(θ⁰)); the first pass updates ``stats``.
 
-    ``record_graph`` (one task at a time, for strategies that differentiate the inner loop) keeps the
-    iterates' autograd graph back to θ⁰, so the strategy need not run the loop again.
+    The problem decides whether the iterates keep their autograd graph back to θ⁰ (``problem.recorded_graph``:
+    one task at a time, for a strategy that differentiates the inner loop, which then need not run it again).
     """
-    if record_graph:
-        theta = theta.detach().requires_grad_()
-    with problem.second_order() if record_graph else contextlib.nullcontext(), torch.enable_grad():
-        trajectory = [theta]
-        grad, ssl_loss = problem.grad_and_loss(theta, stats)
+    with problem.recording():
+        trajectory = [problem.start(theta)]
+        grad, ssl_loss = problem.grad_and_loss(trajectory[0], stats)
         for k in range(steps):
-            if k > 0:
-                grad = problem.grad(trajectory[-1])
-            trajectory.append(trajectory[-1] - problem.inner_lr * grad)
+            trajectory.append(problem.update(trajectory[-1], grad if k == 0 else None))
     return trajectory, ssl_loss.detach()
 
 
@@ -81,14 +78,14 @@ def self_motivated_target(problem: TaskProblem, adapted: AdaptedPoint, steps: in
     embeddings (z1, z2), detached."""
     theta = adapted.theta.detach()
     for step in range(steps):
-        grad = adapted.ssl_grad() if step == 0 else problem.grad(theta)
-        theta = theta - problem.inner_lr * grad
+        theta = problem.update(theta, adapted.ssl_grad() if step == 0 else None)
     with torch.no_grad():
         return tuple(z.detach() for z in problem.embed(theta))
 
 
-def outer_loss_and_grad(adapted: AdaptedPoint, target, head, use_kernels: bool):
+def outer_loss_and_grad(adapted: AdaptedPoint, target, head):
     """(L_l, v = ∂L_l/∂θᴷ): KL(π(target) ‖ π(f_θᴷ)) averaged over the task's 2N samples (Eq. 3)."""
+    use_kernels = adapted.problem.use_kernels
     outer_grad, loss = adapted.outer_grad_and_value(
         lambda z1, z2: outer_kl(head, z1, z2, *target, use_kernels=use_kernels))
     return loss, outer_grad
@@ -97,49 +94,80 @@ def outer_loss_and_grad(adapted: AdaptedPoint, target, head, use_kernels: bool):
 # --- the step -------------------------------------------------------------------------------------
 
 class GeSSLStep(nn.Module):
-    """One GeSSL outer step over M tasks, used like ``loss.backward()``.
+    """One GeSSL outer step over M tasks (Algorithm 1; Eqs. 2–4), used like ``loss.backward()``.
+
+    ``out = step(views)`` runs, for each task l of ``views`` [M, 2, N, *input_shape] (two views of N inputs,
+    on the model's device, in its parameters' dtype), K inner SGD steps from the shared weights θ (Eq. 2),
+    λ more detached steps to the self-motivated target (Eq. 3), the outer loss L_l = mean over the task's 2N
+    samples of KL(π(target) ‖ π(θᴷ)), and the hypergradient dL_l/dθ (Eq. 4, by the ``hypergrad`` method).
+    It adds dL/dθ (L = mean_l L_l) to each trainable parameter's ``.grad`` as ``loss.backward()`` would; your
+    optimizer then applies Eq. 4's outer update with β = its learning rate. ``out`` is a :class:`StepOutput`.
 
     Args:
-        model: maps inputs [B, *input_shape] to embeddings [B, d].
-        ssl_loss: an :class:`gessl_ext.losses.SSLObjective` or any callable ``loss(z1, z2) -> scalar``.
-        inner_lr: α of the inner SGD steps. inner_steps: K ≥ 1. target_steps: λ ≥ 0.
-        hypergrad: one of ``gessl_ext.hypergrad.HYPERGRADIENTS`` ("fd", "hvp", "itd", "first_order",
-            "neumann", "cg").
-        head_temperature: τ of the default pair-classification head; head: a custom head
-            ``head(z1, z2) -> log_probs [2N, C]`` (then head_temperature is unused).
-        fd_radius: r of ``fd`` (ε = r / ‖u‖). implicit_iters: iterations of ``neumann`` / ``cg``.
-        task_batching: "loop" (one task at a time), "vmap" (tasks batched with torch.func.vmap, in
-            chunks of ``task_chunk_size``), or "auto": loop on CPU, vmap elsewhere (docs/performance.md).
-        autocast_dtype: e.g. torch.bfloat16 to run the forward passes under autocast; parameters,
-            finite differences and hypergradients stay in the parameters' dtype.
-        use_kernels: use the fused custom ops where they apply (CUDA); False forces plain PyTorch.
-        warn_nonsmooth: warn (once) when ``fd`` is used on a model with ReLU-like or max-pool layers.
-        process_group: shard the tasks over this torch.distributed group (see gessl_ext.distributed).
+        model: an ``nn.Module`` mapping inputs [B, *input_shape] to embeddings [B, d].
+        ssl_loss: an :class:`gessl_ext.losses.SSLObjective` or any callable ``loss(z1, z2) -> 0-dim tensor``.
+        inner_lr: α of the inner SGD steps (> 0). inner_steps: K ≥ 1. target_steps: λ ≥ 0.
+        hypergrad: a method name registered in ``gessl_ext.hypergrad.HYPERGRADIENTS`` ("fd", the paper's
+            AID-FD, "hvp", "itd", "first_order", "neumann", "cg"; default settings) or a method instance with
+            its own settings, e.g. ``gessl_ext.hypergrad.FD(radius=1e-3)`` or ``gessl_ext.hypergrad.CG(iters=10)``
+            (docs/hypergradients.md: which to choose, and ``fd``'s bias on ReLU / max-pool networks).
+        head_temperature: τ (> 0) of the default pair-classification head π (cosine similarity / τ); head: a
+            custom head ``head(z1, z2) -> log_probs [2N, C]`` (then head_temperature is unused).
+        task_batching: "loop" (one task at a time), "vmap" (tasks batched with torch.func.vmap, in chunks of
+            ``task_chunk_size``, default all M), or "auto": loop on the CPU, vmap elsewhere (docs/performance.md).
+        autocast_dtype: e.g. torch.bfloat16 to run the forward passes under autocast; parameters, finite
+            differences, hypergradients and every accumulation stay in the parameters' dtype.
+        use_kernels: use the fused custom ops where they apply (CUDA tensors); False forces plain PyTorch.
+        warn_nonsmooth: warn (:class:`NonSmoothModelWarning`, once) when ``fd`` meets ReLU-like or max-pool layers.
+        process_group: shard the tasks over this torch.distributed group (see gessl_ext.distributed); taken
+            from the model when it is wrapped in ``DistributedDataParallel``.
 
-    ``step(views)`` with views [M, 2, N, *input_shape] accumulates dL/dθ into ``.grad`` and returns a
-    :class:`StepOutput`. Parameters of the objective (e.g. a BYOL predictor) are adapted and trained too,
-    so give the optimizer ``step.parameters()``.
+    What is trained: the model's trainable parameters and those of the objective (e.g. a BYOL predictor, adapted
+    in the inner loop too), so give the optimizer ``step.parameters()``. Frozen parameters and buffers are
+    constants of the step.
+
+    BatchNorm: every pass of the inner loop, target, head and hypergradient normalises with the task's own batch
+    statistics (its 2N inputs); running statistics are updated once per task, from its first forward at θ, in
+    task order, exactly as M ordinary training steps would leave them. A model in ``eval()`` mode uses and keeps
+    its running statistics.
+
+    Non-finite values: if L or dL/dθ is not finite, nothing is written (``.grad``, running statistics and
+    objective state such as queues stay as they were), ``out.skipped`` is True and ``step.skipped_steps`` (a
+    buffer, saved in the state dict) counts it.
+
+    Errors, raised before anything changes: ``TypeError`` for a model that is not an ``nn.Module``, views that are
+    not a tensor or have another dtype than the parameters, a non-callable head, a hypergradient class instead of
+    an instance, a bad ``autocast_dtype``; ``ValueError`` for views of the wrong rank, a view axis other than 2,
+    M < 1 or N < 2, views on another device than the model, K < 1, λ < 0, non-positive rates or temperatures,
+    an unknown method or ``task_batching``, a model (with objective) without trainable parameters, a
+    ``torch.compile``d model (also at each call), views made under ``inference_mode``, and, at the first step
+    with an input shape, a model output other than one tensor [B, d] or no trainable parameter reaching it;
+    ``RuntimeError`` for a step called under ``torch.inference_mode()`` (docs/models.md).
+    Settings of a method are validated by the method (``FD(radius=0)`` raises ``ValueError``).
+
+    Cost per task, in gradient passes: K + λ + 1 shared, plus the method's own (``fd``: 2K; ``hvp``: K HVPs;
+    ``itd``: K double-backward; ``first_order``: 0).
     """
 
     def __init__(self, model: nn.Module, ssl_loss, *, inner_lr: float = 0.05, inner_steps: int = 1,
-                 target_steps: int = 10, hypergrad: str = "fd", head_temperature: float = 0.1, head=None,
-                 fd_radius: float = 0.01, implicit_iters: int = 5, task_batching: str = "auto",
+                 target_steps: int = 10, hypergrad: str | Hypergradient = "fd", head_temperature: float = 0.1,
+                 head=None, task_batching: str = "auto",
                  task_chunk_size: int | None = None, autocast_dtype: torch.dtype | None = None,
                  use_kernels: bool = True, warn_nonsmooth: bool = True, process_group=None):
+        """Validate the settings and bind the objective to the model (see the class docstring)."""
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        _refuse_compiled(model)
         if isinstance(model, nn.parallel.DistributedDataParallel):
             process_group = process_group if process_group is not None else model.process_group
             model = model.module
         _check_int("inner_steps", inner_steps, 1)
         _check_int("target_steps", target_steps, 0)
-        _check_int("implicit_iters", implicit_iters, 1)
-        for name, value in (("inner_lr", inner_lr), ("head_temperature", head_temperature), ("fd_radius", fd_radius)):
+        for name, value in (("inner_lr", inner_lr), ("head_temperature", head_temperature)):
             if not (isinstance(value, (int, float)) and value > 0 and value < float("inf")):
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        if hypergrad not in HYPERGRADIENTS:
-            raise ValueError(f"unknown hypergrad {hypergrad!r}; choose one of {sorted(HYPERGRADIENTS)}")
+        hypergrad = resolve(hypergrad)
         if task_batching not in TASK_BATCHING:
             raise ValueError(f"task_batching must be one of {TASK_BATCHING}, got {task_batching!r}")
         if task_chunk_size is not None:
@@ -157,18 +185,19 @@ class GeSSLStep(nn.Module):
             raise ValueError("the model (and objective) have no trainable parameters")
         self.head = head if head is not None else PairHead(head_temperature)
         self.hypergrad = hypergrad
-        self.config = HypergradConfig(float(inner_lr), inner_steps, float(fd_radius), implicit_iters, use_kernels)
+        self.inner_lr, self.inner_steps, self.use_kernels = float(inner_lr), inner_steps, use_kernels
         self.target_steps = target_steps
         self.task_batching = task_batching
         self.task_chunk_size = task_chunk_size
         self.process_group = process_group
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
-        if warn_nonsmooth and hypergrad == "fd":
+        self._reached = (None, [])  # (input key, which parameters the step reaches): set by _check_model
+        if warn_nonsmooth and isinstance(hypergrad, FD):
             nonsmooth = sorted({type(m).__name__ for m in model.modules() if isinstance(m, NONSMOOTH_LAYERS)})
             if nonsmooth:
                 warnings.warn(
                     f"hypergrad='fd' on a model with non-smooth layers ({', '.join(nonsmooth)}): the finite-difference "
-                    "Hessian-vector product is biased there and does not converge as fd_radius -> 0; "
+                    "Hessian-vector product is biased there and does not converge as its radius -> 0; "
                     "hypergrad='hvp' is exact at a similar cost. Pass warn_nonsmooth=False to silence this.",
                     NonSmoothModelWarning, stacklevel=2,
                 )
@@ -176,10 +205,11 @@ class GeSSLStep(nn.Module):
     # -- public API --
 
     def forward(self, views: Tensor) -> StepOutput:
-        """Run one outer step and accumulate dL/dθ into ``.grad`` (unless skipped)."""
+        """Run one outer step and accumulate dL/dθ into ``.grad`` (unless skipped). A parameter that neither the
+        SSL loss nor the embeddings use keeps its ``.grad`` (None stays None), as with ``loss.backward()``."""
         hypergrad, out = self._hypergradient(views)
         if not out.skipped:
-            for p, g in zip(self.task_model.parameters(), self.task_model.spec.unflatten(hypergrad).values()):
+            for p, g in self._reached_grads(hypergrad):
                 g = g.to(p.dtype)
                 if p.grad is None:
                     p.grad = g.clone()
@@ -196,9 +226,14 @@ class GeSSLStep(nn.Module):
         hypergrad, out = self._hypergradient(views)
         if out.skipped:
             hypergrad = torch.zeros_like(hypergrad)
-        params = self.task_model.spec.flatten(self.task_model.parameters())
-        inner = params @ hypergrad.to(params.dtype)
-        return out.loss.to(params.dtype) + inner - inner.detach()
+        pairs = self._reached_grads(hypergrad)
+        inner = sum((p * g.to(p.dtype)).sum() for p, g in pairs)
+        return out.loss.to(pairs[0][0].dtype) + inner - inner.detach()
+
+    def parameters(self, recurse: bool = True):
+        """The trainable parameters the step computes dL/dθ for (the model's and the objective's with
+        ``requires_grad``), the ones to give the optimizer; frozen parameters are not listed."""
+        return iter(self.task_model.parameters())
 
     @property
     def task_batching_used(self) -> str:
@@ -212,25 +247,27 @@ class GeSSLStep(nn.Module):
 
     def _task(self, theta: Tensor, views: Tensor, stats, consts, vmapped):
         """Algorithm 1 for one task: views [2, N, ...] → (dL_l/dθ [P], (L_l, ℓ_l(θ), stats))."""
-        strategy = HYPERGRADIENTS[self.hypergrad]
-        unrolls = getattr(strategy, "differentiates_inner_loop", False)
-        # differentiating the inner loop is reverse-over-reverse, which torch's BatchNorm cannot do under vmap
-        plain_batchnorm = vmapped and unrolls
         problem_type = TaskProblem if vmapped else EagerTaskProblem
-        problem = problem_type(self.task_model, views[0], views[1], self.config.inner_lr, consts, plain_batchnorm)
-        record_graph = not vmapped and unrolls
-        trajectory, ssl_loss = inner_loop(problem, theta, self.config.inner_steps, stats or None, record_graph)
+        problem = problem_type(self.task_model, views[0], views[1], self.inner_lr, consts, use_kernels=self.use_kernels,
+                               differentiates_inner_loop=self.hypergrad.differentiates_inner_loop)
+        trajectory, ssl_loss = inner_loop(problem, theta, self.inner_steps, stats or None)
         adapted = problem.adapted(trajectory[-1])
         target = self_motivated_target(problem, adapted, self.target_steps)
-        loss, outer_grad = outer_loss_and_grad(adapted, target, self.head, self.config.use_kernels)
-        hypergrad = strategy(problem, trajectory, outer_grad, self.config)
+        loss, outer_grad = outer_loss_and_grad(adapted, target, self.head)
+        hypergrad = self.hypergrad(problem, trajectory, outer_grad)
         return hypergrad.detach(), (loss.detach(), ssl_loss.detach(), stats)
 
     def _hypergradient(self, views: Tensor):
         """dL/dθ [P] (summed over ranks when distributed) and the StepOutput; updates state unless skipped."""
         self._check_views(views)
         with task_local_batchnorm(self):
+            self._check_model(views)
             return self._hypergradient_checked(views)
+
+    def _reached_grads(self, hypergrad: Tensor) -> list[tuple[nn.Parameter, Tensor]]:
+        """(parameter, its slice of dL/dθ) for the parameters the last checked views reach (:meth:`_check_model`)."""
+        params = zip(self.task_model.parameters(), self.task_model.spec.unflatten(hypergrad).values(), self._reached[1])
+        return [(p, g) for p, g, reached in params if reached]
 
     def _hypergradient_checked(self, views: Tensor):
         self.ssl_loss.before_step(self.model)
@@ -238,10 +275,13 @@ class GeSSLStep(nn.Module):
         batching = self.task_batching_used
         task_fn = functools.partial(self._task, consts=self.task_model.constants(), vmapped=batching == "vmap")
         stats = per_task_copies(self.task_model.running_stats(), views.shape[0])
-        total, (kl, ssl_loss, stats) = run_tasks(task_fn, theta, views, stats, batching, self.task_chunk_size)
+        rank = 0 if self.process_group is None else torch.distributed.get_rank(self.process_group)
+        seed = int(torch.randint(2**62, ())) + (rank << 32)  # task l's random stream: seed + l (tasks.RandomStreams)
+        total, (kl, ssl_loss, stats) = run_tasks(task_fn, theta, views, stats, batching, self.task_chunk_size,
+                                                 self.task_model.streams, seed)
         if self.process_group is not None:
             total, kl, ssl_loss, stats = reduce_across_ranks(total, kl, ssl_loss, stats, self.process_group)
-            if type(self.ssl_loss).after_step is not SSLObjective.after_step:
+            if self.ssl_loss.after_step_needs_all_views:
                 views = gather_views(views, self.process_group)
         hypergrad = total / kl.shape[0]
         loss = kl.mean()
@@ -255,7 +295,28 @@ class GeSSLStep(nn.Module):
             self.skipped_steps += 1
         return hypergrad, out
 
+    def _check_model(self, views: Tensor) -> None:
+        """Before anything changes: refuse compiled models; once per input shape and mode, check the model's
+        output and find the parameters the step reaches (``self._reached``)."""
+        _refuse_compiled(self.model)
+        key = (tuple(views.shape[2:]), views.dtype, views.device, self.model.training)
+        if self._reached[0] != key:
+            reached = self.task_model.reached_parameters(views[0, 0], views[0, 1])
+            if not any(reached):
+                raise ValueError("no trainable parameter reaches the model's embeddings or the SSL loss, so the "
+                                 "hypergradient is 0: check requires_grad and that forward uses the parameters")
+            self._reached = (key, reached)
+
     def _check_views(self, views) -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "GeSSLStep cannot run under torch.inference_mode(): the step differentiates the model (inner SGD steps, "
+                "hypergradient), which inference mode forbids. Call it outside inference_mode; under torch.no_grad() "
+                "it runs normally")
+        if isinstance(views, Tensor) and views.is_inference():
+            raise ValueError("views were created under torch.inference_mode() (an inference tensor), which autograd "
+                             "cannot save for the step's gradients: create them outside it, or pass views.clone() "
+                             "made outside it")
         if not isinstance(views, Tensor):
             raise TypeError(f"views must be a Tensor [M, 2, N, *input_shape], got {type(views).__name__}")
         if views.dim() < 4:
@@ -271,6 +332,23 @@ class GeSSLStep(nn.Module):
             raise ValueError(f"views are on {views.device} but the model is on {param.device}")
         if views.dtype != param.dtype:
             raise TypeError(f"views have dtype {views.dtype} but the model's parameters have {param.dtype}")
+
+
+def _refuse_compiled(model: nn.Module) -> None:
+    """ValueError if ``model`` or a part of it is compiled with ``torch.compile`` or ``Module.compile()``."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # imported by torch.compile: absent, nothing is compiled
+    if eval_frame is None:
+        return
+    compiled = [name for name, m in model.named_modules()
+                if isinstance(m, eval_frame.OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None]
+    if compiled:
+        where = ", ".join(repr(n) if n else "the model itself" for n in compiled)
+        raise ValueError(
+            f"the model is compiled with torch.compile ({where}); GeSSLStep needs the uncompiled module: it runs "
+            "the model at per-task weights under torch.func transforms, where compiled code either does not run "
+            "(vmap) or cannot be differentiated again or keep its backward graph (hvp, itd, and the shared forward "
+            "of the loop, with the aot_eager / inductor backends). Pass the module before compiling it "
+            "(torch.compile(m)._orig_mod is m; for m.compile(), build it without that call). docs/models.md")
 
 
 def _check_int(name: str, value, minimum: int) -> None:

@@ -11,7 +11,12 @@ BatchNorm rule: every pass of the inner loop, the target, the head and the hyper
 with the task's own batch statistics and leaves running statistics alone. Running statistics are
 updated once per task, from the task's first forward at the shared weights θ (both views together,
 2N inputs), in task order, exactly as M ordinary training steps on the M task batches would leave
-them (:func:`fold_running_stats`). A model in ``eval()`` mode uses and keeps its running statistics.
+them (:func:`fold_running_stats`); InstanceNorm layers with running statistics follow the same rule. A model
+in ``eval()`` mode uses and keeps its running statistics.
+
+Random layers (Dropout, stochastic depth, …): every pass of a task replays that task's random stream
+(:class:`RandomStreams`). Layers that torch cannot batch over tasks, differentiate twice, or replay run as
+substitutes with the same function (:meth:`TaskModel._substitutes`; docs/models.md).
 """
 from __future__ import annotations
 
@@ -23,6 +28,13 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.func import functional_call, grad_and_value, jvp, vjp, vmap
+
+from .inner import InnerSGD
+from .layers import (LOWERED_LAYERS, NORM_LAYERS, layer_in_low_precision, layer_substitutes, network_under_autocast,
+                     norm_in_dtype, plain_norms, recurrent_forward, running_stats_tracking, substituted, tracked_norms,
+                     wrapped_forwards)
+from .losses.momentum import MomentumObjective
+from .randomness import RandomStreams, fork_rng
 
 Tensor = torch.Tensor
 
@@ -58,13 +70,13 @@ class _Joint(nn.Module):
         """``what``: "loss" → ℓ; "embed" → (z1, z2); "loss_and_embed" → (ℓ, z1, z2) from ONE forward of the
         model (for objectives with ``embeds_views_once``, whose single embed call is reused)."""
         if what == "embed":
-            return self.model(torch.cat([x1, x2])).chunk(2)
+            return self.embed(torch.cat([x1, x2])).chunk(2)
         if what == "loss":
-            return self.objective(self.model, x1, x2)
+            return self.objective(self.embed, x1, x2)
         embedded = []
 
         def embed(x):
-            embedded.append(self.model(x))
+            embedded.append(self.embed(x))
             return embedded[-1]
 
         loss = self.objective(embed, x1, x2)
@@ -77,60 +89,28 @@ class _Joint(nn.Module):
         return (loss, *embedded[0].chunk(2))
 
 
-def _tracked_batchnorms(module: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    return {
-        name: m
-        for name, m in module.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
-    }
+    def embed(self, x: Tensor) -> Tensor:
+        """The model's embeddings [B, d] of inputs x [B, *input_shape] (checked: :func:`checked_embedding`)."""
+        return checked_embedding(self.model(x), x.shape[0])
 
 
-@contextlib.contextmanager
-def _running_stats(batchnorms, enabled: bool):
-    """Temporarily switch running-statistics tracking of the given BatchNorm layers on or off."""
-    saved = [m.track_running_stats for m in batchnorms]
-    for m in batchnorms:
-        m.track_running_stats = enabled
-    try:
-        yield
-    finally:
-        for m, s in zip(batchnorms, saved):
-            m.track_running_stats = s
-
-
-def _plain_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
-    """Training-mode BatchNorm from elementary ops (batch statistics, optional running-stat update).
-
-    Used for reverse-over-reverse differentiation under vmap (``itd``), where torch's fused
-    BatchNorm double backward has no batching rule.
-    """
-    dims = [0] + list(range(2, x.dim()))
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    mean, var = x.mean(dims), x.var(dims, unbiased=False)
-    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
-    if bn.affine:
-        y = y * bn.weight.view(shape) + bn.bias.view(shape)
-    if bn.track_running_stats:
-        count = x.numel() // x.shape[1]
-        bn.num_batches_tracked.add_(1)
-        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        with torch.no_grad():
-            bn.running_mean.mul_(1 - factor).add_(factor * mean.detach())
-            bn.running_var.mul_(1 - factor).add_(factor * var.detach() * count / max(count - 1, 1))
-    return y
-
-
-@contextlib.contextmanager
-def _plain_batchnorms(batchnorms, enabled: bool):
-    """Temporarily run the given BatchNorm layers with :func:`_plain_batch_norm` (train mode only)."""
-    swapped = [m for m in batchnorms if enabled and m.training]
-    for m in swapped:
-        m.forward = functools.partial(_plain_batch_norm, m)
-    try:
-        yield
-    finally:
-        for m in swapped:
-            del m.forward
+def checked_embedding(z, batch: int) -> Tensor:
+    """``z`` if it is an embedding [B, d] of B = ``batch`` inputs; else a ValueError naming what it is and the fix."""
+    if not isinstance(z, Tensor):
+        raise ValueError(
+            f"the model must return its embeddings as one Tensor [B, d]; it returned a {type(z).__name__}. For a "
+            "model with several outputs (tuple, dict, ModelOutput), give GeSSLStep a wrapper module whose forward "
+            "returns the embedding, e.g. `return self.model(x)[0]` or `return self.model(x)['pooler_output']` "
+            "(docs/models.md)")
+    if z.dim() == 2 and z.shape[0] == batch:
+        return z
+    if z.dim() < 2 or z.shape[0] != batch:
+        fix = ("return [B, 1], e.g. z.unsqueeze(1)" if z.dim() == 1 and z.shape[0] == batch else
+               "the first axis must be the batch axis (e.g. batch_first=True for a recurrent layer, no transpose)")
+    else:
+        fix = "flatten or pool the extra axes, e.g. end the model with nn.Flatten() (after a pooling layer)"
+    raise ValueError(f"the model must map inputs [B, *input_shape] to embeddings [B, d]; for B = {batch} inputs it "
+                     f"returned shape {list(z.shape)}: {fix}")
 
 
 class TaskModel:
@@ -144,10 +124,19 @@ class TaskModel:
         trainable = {n: p for n, p in self.joint.named_parameters() if p.requires_grad}
         self.spec = FlatParams(trainable)
         self.autocast_dtype = autocast_dtype
-        self._all_bn = list(_tracked_batchnorms(self.joint).values())
-        model_bn = _tracked_batchnorms(model)
-        self.bn_modules = {f"model.{n}": m for n, m in model_bn.items()}
-        self.stat_names = [f"{n}.{b}" for n in self.bn_modules for b in ("running_mean", "running_var", "num_batches_tracked")]
+        self._tracked = list(tracked_norms(self.joint).values())
+        self._batch_instance_norms = [m for m in self.joint.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+        self._recurrent = [m for m in self.joint.modules() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))]
+        self._norms = [m for m in self.joint.modules() if isinstance(m, NORM_LAYERS)]
+        momentum = objective.momentum_network if isinstance(objective, MomentumObjective) else None
+        self._networks = [model] + ([momentum] if momentum is not None else [])
+        self._lowered = [m for net in self._networks for m in net.modules() if type(m) in LOWERED_LAYERS]
+        self.tracked_norms = {f"model.{n}": m for n, m in tracked_norms(model).items()}
+        self.stat_names = [f"{n}.{b}" for n in self.tracked_norms
+                           for b in ("running_mean", "running_var", "num_batches_tracked")]
+        self.streams = RandomStreams()
+        self._layer_substitutes = layer_substitutes(self.joint)
+        self._attention = [m for m in self.joint.modules() if isinstance(m, nn.MultiheadAttention) and m.dropout > 0]
 
     def parameters(self) -> list[nn.Parameter]:
         named = dict(self.joint.named_parameters())
@@ -171,20 +160,71 @@ class TaskModel:
         return {n: buffers[n] for n in self.stat_names}
 
     def call(self, theta: Tensor, x1: Tensor, x2: Tensor, what: str, consts, stats=None, plain_batchnorm=False):
-        """Run the joint module at θ [P] on one task; ``stats`` (BatchNorm buffer copies) are updated in place.
+        """Run the joint module at θ [P] on one task; ``stats`` (running-statistics copies) are updated in place.
 
-        ``plain_batchnorm`` computes BatchNorm from elementary ops (see :func:`_plain_batch_norm`).
+        ``plain_batchnorm`` (vmap + reverse-over-reverse) computes BatchNorm / InstanceNorm from elementary ops
+        (:func:`_plain_norm`). Recurrent layers run as :func:`recurrent_forward`; random draws replay the task's
+        stream (:class:`RandomStreams`).
         """
         state = {**consts, **self.spec.unflatten(theta), **(stats or {})}
-        autocast = torch.autocast(x1.device.type, dtype=self.autocast_dtype or torch.float32,
-                                  enabled=self.autocast_dtype is not None)
-        with _running_stats(self._all_bn, False), _running_stats(
-            list(self.bn_modules.values()) if stats else [], True
-        ), _plain_batchnorms(self._all_bn, plain_batchnorm), autocast:
-            out = functional_call(self.joint, state, (x1, x2), {"what": what}, strict=False)
-        if what == "loss":
-            return out.to(theta.dtype)
-        return tuple(t.to(theta.dtype) for t in out)
+        with running_stats_tracking(self._tracked, False), running_stats_tracking(
+            list(self.tracked_norms.values()) if stats else [], True
+        ), self._substitutes(plain_batchnorm), self.streams.replay(x1.device), self._mixed_precision(theta.dtype):
+            return functional_call(self.joint, state, (x1, x2), {"what": what}, strict=False)
+
+    @contextlib.contextmanager
+    def _mixed_precision(self, dtype: torch.dtype):
+        """Autocast as a pass runs it (nothing when ``autocast_dtype`` is None; enter after the substitutes).
+
+        The model, and an objective's momentum copy of it, run under autocast and return their outputs in
+        ``dtype``, the parameters' dtype; their Linear and convolution layers run in the autocast dtype explicitly
+        (:func:`layer_in_low_precision`) and their normalisation layers in ``dtype`` (:func:`norm_in_dtype`),
+        so that ``vmap`` computes as the loop does. Everything computed from the embeddings (the SSL loss, a
+        predictor or decoder, the head and the outer KL) runs in ``dtype``: these turn small differences between
+        nearby embeddings into gradients, which the rounding of a bf16 similarity matrix would swamp
+        (docs/hypergradients.md, "Mixed precision").
+        """
+        if self.autocast_dtype is None:
+            yield
+            return
+        low = self.autocast_dtype
+        with wrapped_forwards(self._norms, lambda m, f: functools.partial(norm_in_dtype, dtype, f)), \
+                wrapped_forwards(self._lowered, lambda m, f: functools.partial(layer_in_low_precision, low, m, f)), \
+                wrapped_forwards(self._networks,
+                                  lambda m, f: functools.partial(network_under_autocast, low, dtype, f)):
+            yield
+
+    def reached_parameters(self, x1: Tensor, x2: Tensor) -> list[bool]:
+        """Which trainable parameters (``parameters()`` order) the SSL loss or the embeddings of the task (x1, x2)
+        depend on: the autograd graph of one plain pass of each at the current weights, running statistics and the
+        caller's random state untouched. A parameter that reaches neither gets no gradient from a step, as from
+        ``loss.backward()``. The pass also checks the model's output (:func:`checked_embedding`)."""
+        params = self.parameters()
+        with fork_rng(x1.device), torch.enable_grad(), running_stats_tracking(self._tracked, False), self._substitutes(False):
+            if self.embeds_views_once:
+                outputs = self.joint(x1, x2, "loss_and_embed")
+            else:
+                outputs = (self.joint(x1, x2, "loss"), *self.joint(x1, x2, "embed"))
+            outputs = [o for o in outputs if o.requires_grad]
+            if not outputs:
+                return [False] * len(params)
+            grads = torch.autograd.grad(sum(o.sum() for o in outputs), params, allow_unused=True)
+        return [g is not None for g in grads]
+
+    @contextlib.contextmanager
+    def _substitutes(self, vmapped_second_order: bool):
+        """Layers that run as a substitute in a pass: norm layers (:func:`plain_norms`), recurrent layers
+        (:func:`recurrent_forward`), others (:func:`layer_substitutes`); and attention on its math
+        kernel whenever an ``nn.MultiheadAttention`` applies dropout, so that every pass of a task draws the
+        same attention masks (each fused kernel draws them its own way; passes differentiated twice need math)."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(plain_norms(self._batch_instance_norms, vmapped_second_order))
+            stack.enter_context(substituted(self._recurrent, recurrent_forward))
+            for layers, forward in self._layer_substitutes:
+                stack.enter_context(substituted(layers, forward))
+            if any(m.training for m in self._attention):
+                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            yield
 
     @property
     def embeds_views_once(self) -> bool:
@@ -192,18 +232,24 @@ class TaskModel:
         return bool(getattr(self.joint.objective, "embeds_views_once", False))
 
 
-class TaskProblem:
+class TaskProblem(InnerSGD):
     """One task's inner problem ℓ(θ; x1, x2) with its derivatives, θ [P], by ``torch.func`` transforms.
 
-    This is the protocol the hypergradient strategies use: ``grad``, ``hvp``, ``vjp``, ``second_order``,
-    ``inner_lr``. These transforms compose with ``vmap`` (tasks batched); :class:`EagerTaskProblem`
-    computes the same quantities with plain ``torch.autograd`` for one task at a time.
+    This is the protocol the hypergradient strategies use (``gessl_ext.hypergrad``): ``grad``, ``hvp``,
+    ``vjp``, ``second_order``, ``inner_lr``, ``use_kernels``, and from :class:`gessl_ext.inner.InnerSGD` the
+    inner update and its derivative products. These transforms compose with ``vmap`` (tasks batched);
+    :class:`EagerTaskProblem` computes the same quantities with plain ``torch.autograd`` one task at a time.
+
+    ``differentiates_inner_loop``: the strategy will take reverse-mode derivatives through the inner loop
+    (``Hypergradient.differentiates_inner_loop``). Under vmap BatchNorm then runs from elementary ops, since
+    torch's fused BatchNorm double backward has no batching rule. ``use_kernels``: fused custom ops allowed.
     """
 
-    def __init__(self, task_model: TaskModel, x1: Tensor, x2: Tensor, inner_lr: float, consts,
-                 plain_batchnorm: bool = False):
+    def __init__(self, task_model: TaskModel, x1: Tensor, x2: Tensor, inner_lr: float, consts, *,
+                 differentiates_inner_loop: bool = False, use_kernels: bool = False):
         self.task_model, self.x1, self.x2, self.inner_lr, self.consts = task_model, x1, x2, inner_lr, consts
-        self.plain_batchnorm = plain_batchnorm
+        self.use_kernels = use_kernels
+        self.plain_batchnorm = differentiates_inner_loop
 
     def call(self, theta: Tensor, what: str, stats=None):
         return self.task_model.call(theta, self.x1, self.x2, what, self.consts, stats, self.plain_batchnorm)
@@ -221,16 +267,25 @@ class TaskProblem:
         """(∇_θ fn(θ, *args) [P], fn(θ, *args)) for a scalar fn."""
         return grad_and_value(fn)(theta, *args)
 
-    def vjp(self, fn: Callable, theta: Tensor, cotangent: Tensor, value: Tensor | None = None) -> Tensor:
-        """cotangentᵀ ∂fn/∂θ [P] for fn: [P] → [P]. ``value``: fn(θ) if already computed; the eager problem
-        differentiates it directly when it carries its autograd graph back to θ, instead of calling fn."""
+    def vjp(self, fn: Callable, theta: Tensor, cotangent: Tensor) -> Tensor:
+        """cotangentᵀ ∂fn/∂θ [P] for fn: [P] → [P]."""
         return vjp(fn, theta)[1](cotangent)[0]
 
     def hvp(self, theta: Tensor, v: Tensor) -> Tensor:
         """Exact Hessian-vector product ∇²ℓ(θ) v [P], forward-over-reverse (jvp of the gradient): under vmap
         it is faster than double backward and works with BatchNorm, whose double backward does not batch."""
         with self.second_order():
-            return jvp(self.grad, (theta,), (v,))[1]
+            return self._unit_scaled(lambda u: jvp(self.grad, (theta,), (u,))[1], v)
+
+    def _unit_scaled(self, linear: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
+        """``linear(v)`` for a linear map; under autocast computed as ‖v‖ · linear(v / ‖v‖), the scaling in the
+        parameters' dtype, so that the low-precision passes see a unit vector whatever the size of v: the
+        iterates of ``neumann`` / ``cg`` / the ``hvp`` recursion grow or shrink geometrically, and fp16 (largest
+        value 65504) overflows on them (``fd`` scales the same way: ε = r / ‖u‖)."""
+        if self.task_model.autocast_dtype is None:
+            return linear(v)
+        scale = torch.linalg.vector_norm(v).clamp_min(torch.finfo(v.dtype).tiny)
+        return linear(v / scale) * scale
 
     @staticmethod
     def second_order():
@@ -274,8 +329,14 @@ class EagerTaskProblem(TaskProblem):
     Same values as the ``torch.func`` version without its per-operation dispatch overhead (≈5 % of a
     gradient pass of the CPU benchmark convnet), and the adapted point shares one forward between the
     target's first step and the outer loss (docs/performance.md). A gradient is itself differentiable
-    (``create_graph``) exactly when θ requires grad, which is how ``vjp`` and ``hvp`` differentiate it.
+    (``create_graph``) exactly when θ requires grad, which is how ``vjp`` and ``hvp`` differentiate it. For a
+    strategy that differentiates the inner loop, the loop records its graph (``recorded_graph``), which the
+    strategy then differentiates instead of running the loop again.
     """
+
+    def __init__(self, *args, differentiates_inner_loop: bool = False, use_kernels: bool = False):
+        super().__init__(*args, use_kernels=use_kernels)
+        self.recorded_graph = differentiates_inner_loop
 
     def grad_and_value(self, fn, theta, *args):
         differentiable = theta.requires_grad
@@ -285,9 +346,7 @@ class EagerTaskProblem(TaskProblem):
             (grad_x,) = torch.autograd.grad(value, x, create_graph=differentiable)
         return grad_x, value if differentiable else value.detach()
 
-    def vjp(self, fn, theta, cotangent, value=None):
-        if value is not None and theta.requires_grad and value.requires_grad:
-            return torch.autograd.grad(value, theta, cotangent)[0]
+    def vjp(self, fn, theta, cotangent):
         x = theta.detach().requires_grad_()
         with torch.enable_grad():
             return torch.autograd.grad(fn(x), x, cotangent)[0]
@@ -295,7 +354,7 @@ class EagerTaskProblem(TaskProblem):
     def hvp(self, theta, v):
         """∇²ℓ(θ) v by double backward: vᵀ∇²ℓ = (∇²ℓ v)ᵀ since the Hessian is symmetric."""
         with self.second_order():
-            return self.vjp(self.grad, theta, v)
+            return self._unit_scaled(lambda u: self.vjp(self.grad, theta, u), v)
 
     def adapted(self, theta):
         if not self.task_model.embeds_views_once:
@@ -323,29 +382,44 @@ class _SharedForwardPoint(AdaptedPoint):
         return grad_theta, value.detach()
 
 
+_VMAP_LIMITS = ("randomness", "Batching rule not implemented", "we do not yet support")
+"""Words of torch's errors for operations vmap cannot batch (e.g. a random draw in place into a fresh tensor)."""
+
+
 def run_tasks(task_fn: Callable, theta: Tensor, views: Tensor, stats: dict[str, Tensor], batching: str,
-              chunk_size: int | None):
+              chunk_size: int | None, streams: RandomStreams | None = None, seed: int | None = None):
     """Map ``task_fn(theta, views_l, stats_l) -> (hypergrad [P], aux)`` over the M tasks.
 
     ``batching="loop"`` runs one task at a time; ``"vmap"`` runs chunks of ``chunk_size`` tasks (all M
     when None) as one ``torch.func.vmap`` call. Returns (Σ_l hypergrad_l [P], aux stacked over tasks).
+    ``streams``/``seed``: task l (or the chunk starting at l) replays the random stream ``seed + l``
+    (:class:`RandomStreams`); without them random draws are not replayed.
     """
     num_tasks = views.shape[0]
     chunk = 1 if batching == "loop" else (chunk_size or num_tasks)
     # A BatchNorm counter is read with float() when momentum is None, which vmap cannot batch; every
     # task's counter holds the same value, so the vmapped tasks share one unbatched copy.
     stat_dims = {n: None if n.endswith("num_batches_tracked") else 0 for n in stats}
-    batched_fn = vmap(task_fn, in_dims=(None, 0, stat_dims), randomness="error")
+    batched_fn = vmap(task_fn, in_dims=(None, 0, stat_dims), randomness="different")
     total, auxes = None, []
     for start in range(0, num_tasks, chunk):
         part = slice(start, start + chunk)
-        if batching == "loop":
-            hypergrad, aux = task_fn(theta, views[start], {n: s[start] for n, s in stats.items()})
-            aux = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), aux)
-        else:
-            stats_part = {n: s[part] if stat_dims[n] == 0 else s[start].clone() for n, s in stats.items()}
-            hypergrad, aux = batched_fn(theta, views[part], stats_part)
-            hypergrad = hypergrad.sum(0)
+        replay = streams.seeded(seed + start) if streams is not None and seed is not None else contextlib.nullcontext()
+        with replay:
+            if batching == "loop":
+                hypergrad, aux = task_fn(theta, views[start], {n: s[start] for n, s in stats.items()})
+                aux = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), aux)
+            else:
+                stats_part = {n: s[part] if stat_dims[n] == 0 else s[start].clone() for n, s in stats.items()}
+                try:
+                    hypergrad, aux = batched_fn(theta, views[part], stats_part)
+                except RuntimeError as error:
+                    if not any(words in str(error) for words in _VMAP_LIMITS):
+                        raise
+                    raise RuntimeError(f"{error}\n\nA layer of the model cannot run under torch.func.vmap over tasks "
+                                       "(above): task_batching='loop' runs the tasks one at a time without vmap "
+                                       "(docs/models.md)") from error
+                hypergrad = hypergrad.sum(0)
         total = hypergrad if total is None else total + hypergrad
         auxes.append(aux)
     aux = torch.utils._pytree.tree_map(lambda *ts: torch.cat(ts), *auxes)
@@ -363,23 +437,31 @@ def fold_running_stats(task_model: TaskModel, per_task: dict[str, Tensor]) -> No
 
     Each task's copy started from the current statistics r0 and took one update
     r0 → (1-f₁) r0 + f₁ s_l with the layer's factor f₁; s_l (the task's batch statistic) is recovered
-    and the updates are replayed in sequence with the factors the layer would have used.
+    and the updates are replayed in sequence with the factors the layer would have used. BatchNorm counts
+    the M batches in ``num_batches_tracked``; InstanceNorm, like torch's, leaves its counter alone.
     """
     if not per_task:
         return
     buffers = dict(task_model.joint.named_buffers())
-    for name, bn in task_model.bn_modules.items():
-        count = buffers[f"{name}.num_batches_tracked"]
-        tasks_run = int((per_task[f"{name}.num_batches_tracked"] - count).max())
-        if tasks_run == 0 or bn.momentum == 0:
+    for name, norm in task_model.tracked_norms.items():
+        instance = isinstance(norm, nn.modules.instancenorm._InstanceNorm)
+        momentum = norm.momentum if norm.momentum is not None or not instance else 0.0
+        if momentum == 0:
             continue
+        count = buffers[f"{name}.num_batches_tracked"]
+        ran = per_task[f"{name}.num_batches_tracked"] - count     # [M]: 1 where the task's first pass used the layer
         for stat in ("running_mean", "running_var"):
             r0 = buffers[f"{name}.{stat}"]
-            first = bn.momentum if bn.momentum is not None else 1.0 / (float(count) + 1)
+            seen = ran.to(r0.dtype)
+            if momentum is None:   # cumulative average: the j-th batch the layer sees gets factor 1 / (count + j)
+                first = 1 / (count.to(r0.dtype) + 1)
+                factors = seen / (count.to(r0.dtype) + torch.cumsum(seen, 0)).clamp_min(1)
+            else:
+                first, factors = momentum, seen * momentum
             batch_stats = (per_task[f"{name}.{stat}"] - (1 - first) * r0) / first
             running = r0.clone()
-            for j, s in enumerate(batch_stats, start=1):
-                factor = bn.momentum if bn.momentum is not None else 1.0 / (float(count) + j)
-                running.mul_(1 - factor).add_(s, alpha=factor)
+            for factor, s in zip(factors, batch_stats):
+                running.mul_(1 - factor).add_(factor * s)
             r0.copy_(running)
-        count.add_(per_task[f"{name}.num_batches_tracked"].shape[0])
+        if not instance:
+            count.add_(ran.sum())

@@ -8,18 +8,20 @@ Math (per task b; x = z1[b], y = z2[b] are [N, D] rows, r = 1 / max(||row||, nor
     loss_b    = (sum_i KL1_i + sum_k KL2_k) / (2N)
 
 Direction 2 is direction 1 with (z1, t1) and (z2, t2) swapped, so one forward kernel runs twice.
-The target is either embeddings t1, t2 (target logits T recomputed tile by tile like S) or
-log-probabilities target_logp [B, 2, N, N] read tile by tile. The forward keeps, per row, the
-current log-sum-exp and a target statistic (the target log-sum-exp, or for log-probabilities the
-row mass sum_k p_t, which is 1 up to rounding) so the backward needs no N x N buffer either:
+The target is given by embeddings t1, t2: its logits T are recomputed tile by tile like S. The
+forward keeps, per row, the current and the target log-sum-exp, so the backward needs no N x N
+buffer either:
 
-    dloss/dS[i, k] = c_b * (W1_i * softmax_row(S)[i, k] - p1t[i, k] + W2_k * softmax_col(S)[i, k] - p2t[k, i])
+    dloss/dS[i, k] = c_b * (softmax_row(S)[i, k] - p1t[i, k] + softmax_col(S)[i, k] - p2t[k, i])
 
-with c_b = grad_b / (2N) and W = target row mass. The backward kernel produces dx for one side
-from tiles of S; it runs a second time with the sides swapped for dy. Dots take the raw inputs
-(bf16/fp16 stay on tensor cores, fp32 uses 3xTF32) and the inverse norms scale the fp32 result.
-Through the normalisation, dx_i = rx_i/tau * sum_k G_ik ry_k y_k - q_i (sum_k G_ik S_ik) x_i with
-q_i = rx_i^2 (0 where the norm was clamped to norm_eps).
+with c_b = grad_b / (2N). The backward kernel produces dx for one side from tiles of S; it runs a
+second time with the sides swapped for dy. Dots take the raw inputs (bf16/fp16 stay on tensor cores,
+fp32 uses 3xTF32) and the inverse norms scale the fp32 result. Through the normalisation,
+dx_i = rx_i/tau * sum_k G_ik ry_k y_k - q_i (sum_k G_ik S_ik) x_i with q_i = rx_i^2 (0 where the norm
+was clamped to norm_eps): a difference of two terms of size ~ rx_i * |dloss/da_i|. Its rounding error
+is relative to that size, not to dx; at D = 1 the two terms are equal (the cosines are +-1 whatever x
+is), the exact dx is 0 and the kernel returns rounding noise of order eps_fp32 * rx_i * |dloss/da_i|
+(tests/ops/ops_testing.py: gradient_scale).
 
 Launchers take [B, N, D] tensors; every output is preallocated NaN so an unwritten element shows.
 """
@@ -58,12 +60,11 @@ def _scaled_logits(a_tile, bT_ptrs, bT_mask, ra, rb, PRECISION: tl.constexpr, UP
 @triton.jit
 def _softmax_kl_fwd_kernel(
     x_ptr, y_ptr, rx_ptr, ry_ptr,                # current sides [B, N, D] and their inverse norms [B, N]
-    ta_ptr, tb_ptr, rta_ptr, rtb_ptr,            # target: embeddings (like x, y) or a logp [B, N, N] view in ta
-    ta_stride_b, ta_stride_r, ta_stride_c,       # strides of the logp view (unused for embeddings)
-    kl_ptr, lse_ptr, tstat_ptr, stat_stride_b,   # per-row outputs, [B, N] views
+    ta_ptr, tb_ptr, rta_ptr, rtb_ptr,            # target embeddings (like x, y) and their inverse norms
+    kl_ptr, lse_ptr, tlse_ptr, stat_stride_b,    # per-row outputs, [B, N] views
     N, D, inv_tau,
-    TARGET_IS_LOGP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -76,15 +77,12 @@ def _softmax_kl_fwd_kernel(
 
     x = tl.load(x_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0)
     rx = tl.load(rx_ptr + b * N + rows, mask=row_mask, other=0.0) * inv_tau
-    if not TARGET_IS_LOGP:
-        tx = tl.load(ta_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0)
-        rtx = tl.load(rta_ptr + b * N + rows, mask=row_mask, other=0.0) * inv_tau
+    tx = tl.load(ta_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0)
+    rtx = tl.load(rta_ptr + b * N + rows, mask=row_mask, other=0.0) * inv_tau
 
     m_cur = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of S
     l_cur = tl.zeros([BLOCK_M], tl.float32)                # running sum exp(S - m_cur)
-    m_tgt = tl.zeros([BLOCK_M], tl.float32)                # running max of T (stays 0 for logp targets)
-    if not TARGET_IS_LOGP:
-        m_tgt = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    m_tgt = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of T
     l_tgt = tl.zeros([BLOCK_M], tl.float32)                # running sum exp(T - m_tgt)
     cross = tl.zeros([BLOCK_M], tl.float32)                # running sum exp(T - m_tgt) * (T - S)
 
@@ -101,47 +99,34 @@ def _softmax_kl_fwd_kernel(
         l_cur = l_cur * tl.exp(m_cur - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
         m_cur = m_new
 
-        if TARGET_IS_LOGP:
-            t = tl.load(ta_ptr + b * ta_stride_b + rows[:, None] * ta_stride_r + cols[None, :] * ta_stride_c,
-                        mask=valid, other=float("-inf")).to(tl.float32)
-            w = tl.exp(t)
-            l_tgt += tl.sum(w, 1)
-            cross += tl.sum(w * tl.where(valid, t - s, 0.0), 1)
-        else:
-            rty = tl.load(rtb_ptr + b * N + cols, mask=col_mask, other=0.0)
-            t, _ = _scaled_logits(tx, tb_ptr + side_offset + colT_offs, colT_mask, rtx, rty, PRECISION, UPCAST)
-            t = tl.where(col_mask[None, :], t, float("-inf"))
-            mt_new = tl.maximum(m_tgt, tl.max(t, 1))
-            rescale = tl.exp(m_tgt - mt_new)
-            w = tl.exp(t - mt_new[:, None])
-            l_tgt = l_tgt * rescale + tl.sum(w, 1)
-            cross = cross * rescale + tl.sum(w * tl.where(valid, t - s, 0.0), 1)
-            m_tgt = mt_new
+        rty = tl.load(rtb_ptr + b * N + cols, mask=col_mask, other=0.0)
+        t, _ = _scaled_logits(tx, tb_ptr + side_offset + colT_offs, colT_mask, rtx, rty, PRECISION, UPCAST)
+        t = tl.where(col_mask[None, :], t, float("-inf"))
+        mt_new = tl.maximum(m_tgt, tl.max(t, 1))
+        rescale = tl.exp(m_tgt - mt_new)
+        w = tl.exp(t - mt_new[:, None])
+        l_tgt = l_tgt * rescale + tl.sum(w, 1)
+        cross = cross * rescale + tl.sum(w * tl.where(valid, t - s, 0.0), 1)
+        m_tgt = mt_new
 
     lse_cur = m_cur + tl.log(l_cur)
-    if TARGET_IS_LOGP:
-        kl = cross + l_tgt * lse_cur          # sum_k p_t (log p_t - S + lse), p_t as given
-        tstat = l_tgt                         # row mass
-    else:
-        lse_tgt = m_tgt + tl.log(l_tgt)
-        kl = cross / l_tgt - lse_tgt + lse_cur
-        tstat = lse_tgt
+    lse_tgt = m_tgt + tl.log(l_tgt)
+    kl = cross / l_tgt - lse_tgt + lse_cur    # sum_k p_t (T - lse_tgt - S + lse_cur)
     stat_offs = b * stat_stride_b + rows
     tl.store(kl_ptr + stat_offs, kl, mask=row_mask)
     tl.store(lse_ptr + stat_offs, lse_cur, mask=row_mask)
-    tl.store(tstat_ptr + stat_offs, tstat, mask=row_mask)
+    tl.store(tlse_ptr + stat_offs, lse_tgt, mask=row_mask)
 
 
 @triton.jit
 def _softmax_kl_bwd_kernel(
     x_ptr, y_ptr, rx_ptr, ry_ptr, qx_ptr,        # qx: rx^2, or 0 where the norm was clamped
-    ta_ptr, tb_ptr, rta_ptr, rtb_ptr,            # embeddings, or logp views (x-rows: [i, k], y-rows transposed: [i, k])
-    ta_stride_b, ta_stride_r, ta_stride_c, tb_stride_b, tb_stride_r, tb_stride_c,
-    lse_x_ptr, lse_y_ptr, ts_x_ptr, ts_y_ptr, stat_stride_b,
+    ta_ptr, tb_ptr, rta_ptr, rtb_ptr,            # target embeddings and their inverse norms
+    lse_x_ptr, lse_y_ptr, tlse_x_ptr, tlse_y_ptr, stat_stride_b,
     coef_ptr, dx_ptr,                            # coef [B] = grad_loss / (2N); dx [B, N, D]
     N, D, inv_tau,
-    TARGET_IS_LOGP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT_H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, SPLIT_H: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -156,11 +141,10 @@ def _softmax_kl_bwd_kernel(
     rx = tl.load(rx_ptr + b * N + rows, mask=row_mask, other=0.0) * inv_tau
     qx = tl.load(qx_ptr + b * N + rows, mask=row_mask, other=0.0)
     lse_x = tl.load(lse_x_ptr + b * stat_stride_b + rows, mask=row_mask, other=0.0)
-    ts_x = tl.load(ts_x_ptr + b * stat_stride_b + rows, mask=row_mask, other=0.0)
+    tlse_x = tl.load(tlse_x_ptr + b * stat_stride_b + rows, mask=row_mask, other=0.0)
     coef = tl.load(coef_ptr + b)
-    if not TARGET_IS_LOGP:
-        tx = tl.load(ta_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0)
-        rtx = tl.load(rta_ptr + b * N + rows, mask=row_mask, other=0.0) * inv_tau
+    tx = tl.load(ta_ptr + side_offset + row_tile_offs, mask=row_tile_mask, other=0.0)
+    rtx = tl.load(rta_ptr + b * N + rows, mask=row_mask, other=0.0) * inv_tau
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # sum_k G_ik ry_k y_k
     gs = tl.zeros([BLOCK_M], tl.float32)             # sum_k G_ik S_ik
@@ -172,20 +156,13 @@ def _softmax_kl_bwd_kernel(
         colT_mask = col_mask[None, :] & d_mask[:, None]
         ry = tl.load(ry_ptr + b * N + cols, mask=col_mask, other=0.0)
         lse_y = tl.load(lse_y_ptr + b * stat_stride_b + cols, mask=col_mask, other=0.0)
-        ts_y = tl.load(ts_y_ptr + b * stat_stride_b + cols, mask=col_mask, other=0.0)
+        tlse_y = tl.load(tlse_y_ptr + b * stat_stride_b + cols, mask=col_mask, other=0.0)
         s, yT = _scaled_logits(x, y_ptr + side_offset + colT_offs, colT_mask, rx, ry, PRECISION, UPCAST)
         p_x = tl.exp(s - lse_x[:, None])
         p_y = tl.exp(s - lse_y[None, :])
-        if TARGET_IS_LOGP:
-            logp_x = tl.load(ta_ptr + b * ta_stride_b + rows[:, None] * ta_stride_r + cols[None, :] * ta_stride_c,
-                             mask=valid, other=float("-inf")).to(tl.float32)
-            logp_y = tl.load(tb_ptr + b * tb_stride_b + rows[:, None] * tb_stride_r + cols[None, :] * tb_stride_c,
-                             mask=valid, other=float("-inf")).to(tl.float32)
-            g = p_x * ts_x[:, None] + p_y * ts_y[None, :] - tl.exp(logp_x) - tl.exp(logp_y)
-        else:
-            rty = tl.load(rtb_ptr + b * N + cols, mask=col_mask, other=0.0)
-            t, _ = _scaled_logits(tx, tb_ptr + side_offset + colT_offs, colT_mask, rtx, rty, PRECISION, UPCAST)
-            g = p_x + p_y - tl.exp(t - ts_x[:, None]) - tl.exp(t - ts_y[None, :])
+        rty = tl.load(rtb_ptr + b * N + cols, mask=col_mask, other=0.0)
+        t, _ = _scaled_logits(tx, tb_ptr + side_offset + colT_offs, colT_mask, rtx, rty, PRECISION, UPCAST)
+        g = p_x + p_y - tl.exp(t - tlse_x[:, None]) - tl.exp(t - tlse_y[None, :])
         g = tl.where(valid, g * coef, 0.0)
         gs += tl.sum(g * s, 1)
         h = g * ry[None, :]
@@ -235,23 +212,16 @@ def _inverse_norms(z, norm_eps):
     return inv, torch.where(norm > norm_eps, inv * inv, torch.zeros_like(inv))
 
 
-def _checked_contiguous(z1, z2, target_logp, t1, t2):
-    """Validates the launcher inputs; returns (z1, z2, t1, t2) contiguous (t1, t2 None for logp targets)."""
+def _checked_contiguous(z1, z2, t1, t2):
+    """Validates the launcher inputs; returns (z1, z2, t1, t2) contiguous."""
     if z1.dim() != 3 or z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must both be [B, N, D], got {tuple(z1.shape)} and {tuple(z2.shape)}")
     if z1.dtype not in SUPPORTED_DTYPES or z2.dtype != z1.dtype:
         raise TypeError(f"z1, z2 must share a dtype in {SUPPORTED_DTYPES}, got {z1.dtype} and {z2.dtype}")
-    if (target_logp is None) == (t1 is None or t2 is None):
-        raise ValueError("pass either target_logp or both t1 and t2")
-    if target_logp is None and (t1.shape != z1.shape or t2.shape != z1.shape or t2.dtype != t1.dtype
-                                or t1.dtype not in SUPPORTED_DTYPES):
+    if t1.shape != z1.shape or t2.shape != z1.shape or t2.dtype != t1.dtype or t1.dtype not in SUPPORTED_DTYPES:
         raise ValueError("t1, t2 must be [B, N, D] like z1 and share a supported dtype")
-    if target_logp is not None and target_logp.shape != (z1.shape[0], 2, z1.shape[1], z1.shape[1]):
-        raise ValueError(f"target_logp must be [B, 2, N, N], got {tuple(target_logp.shape)}")
     if not 0 < z1.shape[0] <= MAX_TASKS:
         raise ValueError(f"B must be in [1, {MAX_TASKS}] (the second grid dimension), got {z1.shape[0]}")
-    if target_logp is not None:
-        return z1.contiguous(), z2.contiguous(), None, None
     return z1.contiguous(), z2.contiguous(), t1.contiguous(), t2.contiguous()
 
 
@@ -261,12 +231,12 @@ def _on_device_of(t):
 
 
 def _launch_geometry(z1, t1, backward):
-    """Grid and meta-parameters; t1: target embeddings or None (log-probability target)."""
+    """Grid and meta-parameters for current embeddings z1 and target embeddings t1."""
     batch, n, d = z1.shape
     block_d = max(16, triton.next_power_of_2(d))
     if block_d > MAX_FEATURES:
         raise ValueError(f"feature width d = {d} exceeds the kernels' limit of {MAX_FEATURES}")
-    half_width = z1.element_size() < 4 and (t1 is None or t1.element_size() < 4)
+    half_width = z1.element_size() < 4 and t1.element_size() < 4
     block_m, block_n, num_warps, num_stages = _tile_config(block_d, half_width, backward)
     grid = (triton.cdiv(n, block_m), batch)
     # Off CUDA the kernels run in Triton's interpreter, whose tl.dot multiplies bf16/fp16 bit patterns
@@ -276,56 +246,43 @@ def _launch_geometry(z1, t1, backward):
     return grid, meta
 
 
-def _sides(z1, z2, target_logp, t1, t2, norm_eps):
-    """Per-direction kernel operands: [(x, y, rx, ry, qx, ta, tb, rta, rtb)] for direction 1 (x = z1), 2 (x = z2).
-
-    For log-probability targets, ta is the x-rows view logp[:, dir] and tb the y-rows view
-    logp[:, 1 - dir] transposed, so both are indexed [x row, y row].
-    """
+def _sides(z1, z2, t1, t2, norm_eps):
+    """Per-direction kernel operands: [(x, y, rx, ry, qx, ta, tb, rta, rtb)] for direction 1 (x = z1), 2 (x = z2)."""
     (r1, q1), (r2, q2) = _inverse_norms(z1, norm_eps), _inverse_norms(z2, norm_eps)
-    if target_logp is None:
-        (rt1, _), (rt2, _) = _inverse_norms(t1, norm_eps), _inverse_norms(t2, norm_eps)
-        return [(z1, z2, r1, r2, q1, t1, t2, rt1, rt2), (z2, z1, r2, r1, q2, t2, t1, rt2, rt1)]
-    view1, view2 = target_logp[:, 0], target_logp[:, 1]
-    return [(z1, z2, r1, r2, q1, view1, view2.transpose(1, 2), r1, r2),
-            (z2, z1, r2, r1, q2, view2, view1.transpose(1, 2), r2, r1)]
+    (rt1, _), (rt2, _) = _inverse_norms(t1, norm_eps), _inverse_norms(t2, norm_eps)
+    return [(z1, z2, r1, r2, q1, t1, t2, rt1, rt2), (z2, z1, r2, r1, q2, t2, t1, rt2, rt1)]
 
 
-def softmax_kl_forward(z1, z2, temperature, norm_eps, target_logp=None, t1=None, t2=None):
-    """z1, z2 [B, N, D] (+ target_logp [B, 2, N, N] or t1, t2 [B, N, D]) ->
-    (loss [B], lse [B, 2, N], target_stat [B, 2, N]), all fp32; row stats ordered (view-1 rows, view-2 rows)."""
-    z1, z2, t1, t2 = _checked_contiguous(z1, z2, target_logp, t1, t2)
+def softmax_kl_forward(z1, z2, t1, t2, temperature, norm_eps):
+    """z1, z2 (current), t1, t2 (target) [B, N, D] -> (loss [B], lse [B, 2, N], target_lse [B, 2, N]), all
+    fp32; the row log-sum-exps are ordered (view-1 rows, view-2 rows)."""
+    z1, z2, t1, t2 = _checked_contiguous(z1, z2, t1, t2)
     batch, n, d = z1.shape
-    kl_rows, lse, target_stat = (torch.full((batch, 2, n), float("nan"), device=z1.device) for _ in range(3))
+    kl_rows, lse, target_lse = (torch.full((batch, 2, n), float("nan"), device=z1.device) for _ in range(3))
     grid, meta = _launch_geometry(z1, t1, backward=False)
     with _on_device_of(z1):
-        for direction, (x, y, rx, ry, _, ta, tb, rta, rtb) in enumerate(
-                _sides(z1, z2, target_logp, t1, t2, norm_eps)):
+        for direction, (x, y, rx, ry, _, ta, tb, rta, rtb) in enumerate(_sides(z1, z2, t1, t2, norm_eps)):
             _softmax_kl_fwd_kernel[grid](
-                x, y, rx, ry, ta, tb, rta, rtb, *(ta.stride() if target_logp is not None else (0, 0, 0)),
-                kl_rows[:, direction], lse[:, direction], target_stat[:, direction], kl_rows.stride(0),
-                n, d, 1.0 / temperature, TARGET_IS_LOGP=target_logp is not None, **meta)
-    return kl_rows.sum(dim=(1, 2)) / (2 * n), lse, target_stat
+                x, y, rx, ry, ta, tb, rta, rtb,
+                kl_rows[:, direction], lse[:, direction], target_lse[:, direction], kl_rows.stride(0),
+                n, d, 1.0 / temperature, **meta)
+    return kl_rows.sum(dim=(1, 2)) / (2 * n), lse, target_lse
 
 
-def softmax_kl_backward(grad_loss, z1, z2, temperature, norm_eps, lse, target_stat, target_logp=None, t1=None,
-                        t2=None):
-    """grad_loss [B] and the forward's row stats -> (dz1, dz2) [B, N, D] in z1's dtype."""
-    z1, z2, t1, t2 = _checked_contiguous(z1, z2, target_logp, t1, t2)
+def softmax_kl_backward(grad_loss, z1, z2, t1, t2, temperature, norm_eps, lse, target_lse):
+    """grad_loss [B] and the forward's row log-sum-exps -> (dz1, dz2) [B, N, D] in z1's dtype."""
+    z1, z2, t1, t2 = _checked_contiguous(z1, z2, t1, t2)
     batch, n, d = z1.shape
-    lse, target_stat = lse.float().contiguous(), target_stat.float().contiguous()
+    lse, target_lse = lse.float().contiguous(), target_lse.float().contiguous()
     coef = (grad_loss.float() / (2 * n)).contiguous()
     grid, meta = _launch_geometry(z1, t1, backward=True)
     grads = []
     with _on_device_of(z1):
-        for direction, (x, y, rx, ry, qx, ta, tb, rta, rtb) in enumerate(
-                _sides(z1, z2, target_logp, t1, t2, norm_eps)):
+        for direction, (x, y, rx, ry, qx, ta, tb, rta, rtb) in enumerate(_sides(z1, z2, t1, t2, norm_eps)):
             dx = torch.full_like(x, float("nan"))
-            logp_strides = (*ta.stride(), *tb.stride()) if target_logp is not None else (0,) * 6
             _softmax_kl_bwd_kernel[grid](
-                x, y, rx, ry, qx, ta, tb, rta, rtb, *logp_strides,
-                lse[:, direction], lse[:, 1 - direction], target_stat[:, direction], target_stat[:, 1 - direction],
-                lse.stride(0), coef, dx, n, d, 1.0 / temperature, TARGET_IS_LOGP=target_logp is not None,
-                SPLIT_H=z1.dtype != torch.float32, **meta)
+                x, y, rx, ry, qx, ta, tb, rta, rtb,
+                lse[:, direction], lse[:, 1 - direction], target_lse[:, direction], target_lse[:, 1 - direction],
+                lse.stride(0), coef, dx, n, d, 1.0 / temperature, SPLIT_H=z1.dtype != torch.float32, **meta)
             grads.append(dx)
     return grads[0], grads[1]

@@ -2,7 +2,9 @@
 # Sets up a fresh machine of this project's kind (Debian, Python 3.11, no GPU) for the tests and the main job:
 # the Fashion-MNIST IDX files from Debian, and a virtual environment .venv with gessl_ext installed editable.
 # GESSL_EXT_BUILD_CUDA=0 skips compiling csrc/ (no GPU here: every op uses its PyTorch / Triton path);
-# set GESSL_EXT_BUILD_CUDA=1 to compile-check the CUDA sources (needs CUDA_HOME, about 3 minutes).
+# set GESSL_EXT_BUILD_CUDA=1 to compile-check the CUDA sources (needs CUDA_HOME and TORCH_CUDA_ARCH_LIST, e.g. 9.0;
+# about 3 minutes). --no-build-isolation: pip builds with the setuptools and torch installed here, so the
+# package install itself needs no network (pyproject.toml declares the package; setup.py adds csrc/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then

@@ -1,6 +1,10 @@
 import pytest
 import torch
 
+# One intra-op thread for the whole suite: the tests check values, not speed, and on a shared 2-core machine
+# (CI) a second spinning thread per process only slows every test down (a GPU run keeps its own device speed).
+torch.set_num_threads(1)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")

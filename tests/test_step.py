@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from gessl_ext import GeSSLStep, NonSmoothModelWarning, losses
+from gessl_ext.hypergrad import FD
 from reference import flat, reference_step, rel
 
 SIMCLR = losses.SimCLR(temperature=0.5)
@@ -89,15 +90,20 @@ def test_batchnorm_running_stats_follow_an_ordinary_training_loop():
 
 @pytest.mark.parametrize("hypergrad", ["fd", "hvp", "itd", "first_order", "neumann", "cg"])
 def test_loop_vmap_and_chunked_vmap_agree(hypergrad):
+    """Every built-in method: the same hypergradient and per-task KL whether the tasks run one at a time, all
+    under one vmap, or in vmap chunks of 2 (3 tasks: a ragged last chunk). Measured ≤ 1.6e-14."""
     model = bn_convnet()
     views = torch.randn(3, 2, 4, 1, 8, 8, dtype=torch.float64)
     results = []
     for batching, chunk in (("loop", None), ("vmap", None), ("vmap", 2)):
         m = copy.deepcopy(model)
-        GeSSLStep(m, SIMCLR, hypergrad=hypergrad, target_steps=2, task_batching=batching, task_chunk_size=chunk)(views)
-        results.append(grads(m))
-    assert rel(results[1], results[0]) < 1e-10
-    assert rel(results[2], results[0]) < 1e-10
+        out = GeSSLStep(m, SIMCLR, hypergrad=hypergrad, target_steps=2, task_batching=batching,
+                        task_chunk_size=chunk)(views)
+        results.append((grads(m), out.kl))
+    (looped, looped_kl), *batched = results
+    for hypergradient, kl in batched:
+        assert rel(hypergradient, looped) < 1e-12
+        assert rel(kl, looped_kl) < 1e-12
 
 
 @pytest.mark.parametrize("hypergrad, extra_loop, extra_vmap", [("fd", 2, 2), ("hvp", 1, 1), ("itd", 0, 1)])
@@ -111,8 +117,10 @@ def test_one_task_at_a_time_shares_the_forward_at_the_adapted_weights(hypergrad,
     model.register_forward_pre_hook(lambda module, args: calls.append(1))
     views = torch.randn(3, 2, 4, 5, dtype=torch.float64)
     for batching, expected in (("loop", 3 * (1 + 3 + 1 + extra_loop)), ("vmap", 1 + 3 + 1 + 1 + extra_vmap)):
+        step = GeSSLStep(model, SIMCLR, hypergrad=hypergrad, target_steps=3, task_batching=batching)
+        step(views)  # the first step with these inputs also checks the model once (one plain forward more)
         calls.clear()
-        GeSSLStep(model, SIMCLR, hypergrad=hypergrad, target_steps=3, task_batching=batching)(views)
+        step(views)
         assert len(calls) == expected, (batching, len(calls))
 
 
@@ -199,8 +207,11 @@ def _one_step_changes_the_weights(model, views, **kwargs):
 
 
 def test_torchvision_resnet18_step_changes_the_weights():
-    torchvision = pytest.importorskip("torchvision")
-    resnet = torchvision.models.resnet18(num_classes=16)  # BatchNorm, ReLU, max-pool
+    pytest.importorskip("torchvision")
+    from test_model_zoo import resnet18  # torchvision's ResNet class, BasicBlock x [2, 2, 2, 2], at width 4
+
+    resnet = resnet18()  # BatchNorm, ReLU, max-pool; float32. At the stock width 64 (11.7 M parameters) the step
+    # took 1.7 s of parameter-sized arithmetic and checked nothing more
     _one_step_changes_the_weights(resnet, torch.randn(2, 2, 3, 3, 16, 16), hypergrad="fd", warn_nonsmooth=False)
 
 
@@ -247,11 +258,11 @@ BAD_ARGS = [
     (dict(inner_lr=0.0), ValueError, "inner_lr"),
     (dict(inner_lr=-1), ValueError, "inner_lr"),
     (dict(head_temperature=0), ValueError, "head_temperature"),
-    (dict(fd_radius=float("inf")), ValueError, "fd_radius"),
+    (dict(hypergrad=FD), TypeError, "instantiate it"),
     (dict(hypergrad="magic"), ValueError, "unknown hypergrad"),
     (dict(task_batching="threads"), ValueError, "task_batching"),
     (dict(task_chunk_size=0), ValueError, "task_chunk_size"),
-    (dict(implicit_iters=0), ValueError, "implicit_iters"),
+    (dict(fd_radius=0.01), TypeError, "fd_radius"),   # settings belong to the method: hypergrad=FD(radius=...)
     (dict(head=3), TypeError, "head"),
     (dict(autocast_dtype=torch.int32), TypeError, "autocast_dtype"),
 ]
@@ -315,12 +326,13 @@ def test_repeated_steps_keep_no_tensors_alive():
         return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
 
     counts = []
-    for _ in range(5):
+    for index in range(5):
         step(torch.randn(3, 2, 6, 5))
         opt.step()
         opt.zero_grad()
-        counts.append(live_tensors())
-    assert counts[-1] <= counts[1], counts
+        if index in (1, 4):  # a full collection and heap scan costs ~0.3 s: after the 2nd and the last step only
+            counts.append(live_tensors())
+    assert counts[1] <= counts[0], counts
 
 
 def test_bf16_autocast_hypergradient_close_to_fp32():

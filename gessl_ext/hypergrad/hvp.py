@@ -1,9 +1,16 @@
 """AID with exact Hessian-vector products: the ``fd`` recursion without the finite-difference bias."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from .base import Hypergradient, register_hypergradient
 from .reverse import reverse_through_sgd
 
 
-def hvp(problem, trajectory, outer_grad, config):
-    """dL/dθ through the K inner steps with exact HVPs (forward-over-reverse at each step's base point)."""
-    return reverse_through_sgd(trajectory, outer_grad, lambda theta, u: u - config.inner_lr * problem.hvp(theta, u))
+@register_hypergradient("hvp")
+@dataclass(frozen=True)
+class HVP(Hypergradient):
+    """dL/dθ through the K inner steps with exact HVPs (forward-over-reverse at each step's base point); exact."""
+
+    def __call__(self, problem, trajectory, outer_grad):
+        return reverse_through_sgd(trajectory, outer_grad, problem.update_vjp)

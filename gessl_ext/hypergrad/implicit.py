@@ -1,20 +1,33 @@
-"""Implicit (proximal, iMAML-style) hypergradients: u = (I + αH)⁻¹ v at θᴷ.
+"""Implicit (proximal, iMAML-style) hypergradients: u = (I + αH(θᴷ))⁻¹ v.
 
 Both solvers use exact Hessian-vector products and a fixed number of iterations, so they run under vmap.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from .base import Hypergradient, register_hypergradient, setting
 
-def neumann(problem, trajectory, outer_grad, config):
-    """Truncated Neumann series Σ_{j=0}^{J} (−αH)ʲ v with J = ``implicit_iters``."""
-    theta_k = trajectory[-1]
-    term, total = outer_grad, outer_grad
-    for _ in range(config.implicit_iters):
-        term = -config.inner_lr * problem.hvp(theta_k, term)
-        total = total + term
-    return total
+ITERS_HELP = "iterations (exact Hessian-vector products per task)"
+
+
+@register_hypergradient("neumann")
+@dataclass(frozen=True)
+class Neumann(Hypergradient):
+    """Truncated Neumann series of the proximal matrix A = I + αH: A⁻¹v ≈ Σ_{j=0}^{J} (I − A)ʲ v = Σ (−αH)ʲ v,
+    J = ``iters`` (converges when α‖H‖ < 1)."""
+
+    iters: int = setting(5, ITERS_HELP, minimum=1)
+
+    def __call__(self, problem, trajectory, outer_grad):
+        theta_k = trajectory[-1]
+        term, total = outer_grad, outer_grad
+        for _ in range(self.iters):
+            term = term - problem.proximal_matvec(theta_k, term)
+            total = total + term
+        return total
 
 
 def _safe_ratio(num, den):
@@ -22,19 +35,25 @@ def _safe_ratio(num, den):
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def cg(problem, trajectory, outer_grad, config):
-    """Conjugate gradient on (I + αH) u = v, ``implicit_iters`` iterations from u = 0."""
-    theta_k = trajectory[-1]
-    solution = torch.zeros_like(outer_grad)
-    residual = outer_grad
-    direction = residual
-    rs = residual @ residual
-    for _ in range(config.implicit_iters):
-        applied = direction + config.inner_lr * problem.hvp(theta_k, direction)
-        step = _safe_ratio(rs, direction @ applied)
-        solution = solution + step * direction
-        residual = residual - step * applied
-        rs_new = residual @ residual
-        direction = residual + _safe_ratio(rs_new, rs) * direction
-        rs = rs_new
-    return solution
+@register_hypergradient("cg")
+@dataclass(frozen=True)
+class CG(Hypergradient):
+    """Conjugate gradient on (I + αH) u = v, ``iters`` iterations from u = 0 (needs I + αH positive definite)."""
+
+    iters: int = setting(5, ITERS_HELP, minimum=1)
+
+    def __call__(self, problem, trajectory, outer_grad):
+        theta_k = trajectory[-1]
+        solution = torch.zeros_like(outer_grad)
+        residual = outer_grad
+        direction = residual
+        rs = residual @ residual
+        for _ in range(self.iters):
+            applied = problem.proximal_matvec(theta_k, direction)
+            step = _safe_ratio(rs, direction @ applied)
+            solution = solution + step * direction
+            residual = residual - step * applied
+            rs_new = residual @ residual
+            direction = residual + _safe_ratio(rs_new, rs) * direction
+            rs = rs_new
+        return solution

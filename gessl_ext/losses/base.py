@@ -27,6 +27,9 @@ class SSLObjective(nn.Module):
     """
 
     embeds_views_once: bool = False
+    #: True when :meth:`after_step` must see the views of all M tasks of the step, also those other ranks ran
+    #: (a queue of keys); a distributed step then all-gathers the views for it. False: it gets this rank's views.
+    after_step_needs_all_views: bool = False
 
     def forward(self, embed: Callable[[Tensor], Tensor], x1: Tensor, x2: Tensor) -> Tensor:
         """Return the scalar (0-dim) SSL loss of one task.
@@ -43,8 +46,8 @@ class SSLObjective(nn.Module):
         """Called at the start of every outer step (momentum / EMA updates from the current weights)."""
 
     def after_step(self, model: nn.Module, views: Tensor) -> None:
-        """Called once per outer step after the hypergradient; views [M, 2, N, *input_shape] (queue updates,
-        resampling of random state)."""
+        """Called once per outer step after the hypergradient (queue updates, resampling of random state).
+        views [M, 2, N, *input_shape]: every rank's tasks when ``after_step_needs_all_views``, else this rank's."""
 
 
 class PairObjective(SSLObjective):

@@ -20,6 +20,7 @@ class MoCo(MomentumObjective):
     """
 
     embeds_views_once = True
+    after_step_needs_all_views = True   # the queue takes the keys of every task of the step, on every rank
 
     def __init__(self, embed_dim: int, queue_size: int = 4096, temperature: float = 0.2, momentum: float = 0.999,
                  generator: torch.Generator | None = None):

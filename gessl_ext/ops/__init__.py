@@ -1,4 +1,4 @@
-"""gessl_ext custom operators: fused head KL (Triton), FD-HVP helpers and batched inner SGD (C++/CUDA).
+"""gessl_ext custom operators: the fused head KL (Triton) and the FD-HVP helpers (C++/CUDA).
 
 Each op is a ``torch.library`` custom op with a PyTorch implementation for every device, a fast
 CUDA implementation where one is available, a fake (meta) implementation, autograd where the op is
@@ -8,23 +8,14 @@ import torch
 
 from ._backends import EXTENSION, EXTENSION_ERROR, triton_kernel
 from .fd_hvp import fd_perturb, fd_perturb_reference, fd_update, fd_update_reference
-from .softmax_kl import (
-    pair_log_probs,
-    pair_logits,
-    softmax_kl,
-    softmax_kl_from_embeddings,
-    softmax_kl_from_embeddings_reference,
-    softmax_kl_reference,
-)
-from .task_sgd import task_sgd, task_sgd_reference
+from .softmax_kl import softmax_kl_from_embeddings, softmax_kl_from_embeddings_reference
 
 __all__ = [
     "fd_perturb", "fd_perturb_reference", "fd_update", "fd_update_reference", "kernels_info", "kernels_summary",
-    "pair_log_probs", "pair_logits", "softmax_kl", "softmax_kl_from_embeddings",
-    "softmax_kl_from_embeddings_reference", "softmax_kl_reference", "task_sgd", "task_sgd_reference",
+    "softmax_kl_from_embeddings", "softmax_kl_from_embeddings_reference",
 ]
 
-_EXTENSION_OPS = ("fd_perturb", "fd_update", "task_sgd")
+_EXTENSION_OPS = ("fd_perturb", "fd_update")
 
 
 def _backend_choices():
@@ -47,7 +38,11 @@ def kernels_info():
 
 
 def kernels_summary():
-    """One line: each op's backend, and why an op falls back to PyTorch."""
+    """Returns (does not print) one line naming each op's backend for CUDA tensors and why an op falls back.
+
+    E.g. ``"gessl_ext ops: softmax_kl=torch, fd_perturb=torch, fd_update=torch (fallback: no CUDA device)"``;
+    ``print(gessl_ext.kernels_summary())`` to show it. :func:`kernels_info` gives the backends as a dict.
+    """
     backends = _backend_choices()
     parts = ", ".join(f"{op}={backend}" for op, (backend, _) in backends.items())
     reasons = sorted({reason for _, reason in backends.values() if reason})

@@ -14,6 +14,8 @@ They are not differentiable (the fd hypergradient only evaluates them); vmap bat
 import torch
 from torch import Tensor
 
+from ..inner import sgd_update_vjp
+
 from ._backends import (
     EXTENSION,
     accumulation_dtype,
@@ -39,8 +41,8 @@ def fd_perturb_reference(theta, u, radius):
 def fd_update_reference(u, g_plus, g_minus, eps, alpha):
     """Plain-PyTorch ``fd_update``: u - alpha * (g_plus - g_minus) / (2*eps) per row, in u's dtype."""
     compute = accumulation_dtype(u.dtype)
-    difference = g_plus.to(compute) - g_minus.to(compute)
-    return (u.to(compute) - alpha * difference / (2 * eps.to(compute)[..., None])).to(u.dtype)
+    quotient = (g_plus.to(compute) - g_minus.to(compute)) / (2 * eps.to(compute)[..., None])
+    return sgd_update_vjp(u.to(compute), quotient, alpha).to(u.dtype)
 
 
 @torch.library.custom_op("gessl_ext::fd_perturb", mutates_args=())

@@ -1,23 +1,66 @@
 """Command-line entry points: ``gessl-train`` (one run) and ``gessl-compare`` (with vs without GeSSL, seeds).
 
 Bad input (unknown method / backbone / dataset, impossible sizes, unreadable data, a checkpoint from another
-config, an occupied ``--out``) ends with one line on stderr and exit status 2, before anything in ``--out``
-is touched.
+config, settings that differ from the run being resumed, an occupied ``--out``, a missing module of the
+``[train]`` extra) ends with one line on stderr and exit status 2, before anything in ``--out`` is touched.
+A failure to draw the plots at the end is a one-line warning (exit status 0; the results are written).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
+import os
 import sys
 from pathlib import Path
 
 from . import report
-from .config import ConfigError, add_arguments, resolve, training_identity
-from .data import DataError
-from .trainer import RunError, run_training
+from .config import ConfigError, add_arguments, resolve
+from .data import BUILTIN_DATASETS, DataError
+from .trainer import RunError, finished_metrics, run_training
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+
+ALWAYS_IMPORTED = ("yaml", "tqdm", "matplotlib")
+"""Modules of the ``[train]`` extra every run imports (config.yaml, progress bar, plots)."""
+PIP_NAMES = {"yaml": "PyYAML", "PIL": "Pillow"}
+
+
+def missing_dependencies(cfg: dict | None) -> dict[str, str]:
+    """{module: description} of the optional modules this run would import that cannot be imported.
+
+    cfg None: only :data:`ALWAYS_IMPORTED` (the settings could not be read without ``yaml``). Otherwise
+    also ``torchvision`` for ``--backbone resnet50`` and ``PIL`` (Pillow) for a folder of images.
+    """
+    names = list(ALWAYS_IMPORTED)
+    if cfg is not None:
+        names += ["torchvision"] * (cfg["backbone"] == "resnet50")
+        names += ["PIL"] * (cfg["data"].lower() not in BUILTIN_DATASETS)
+    missing = {}
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            absent = isinstance(exc, ModuleNotFoundError) and (exc.name or name).split(".")[0] == name
+            shown = f"{name} ({PIP_NAMES[name]})" if name in PIP_NAMES else name
+            missing[name] = shown if absent else f"{shown}, which fails to import ({exc})"
+    return missing
+
+
+def resolve_checked(given: dict) -> dict:
+    """``config.resolve`` after checking the optional dependencies, before anything is read or written.
+
+    Raises ConfigError naming every missing module and the extra that installs them.
+    """
+    missing = missing_dependencies(None)
+    cfg = None
+    if "yaml" not in missing or not ({"config", "resume"} & set(given)):
+        cfg = resolve(given)
+        missing = missing_dependencies(cfg)
+    if missing:
+        raise ConfigError(f"missing optional dependencies: {', '.join(missing.values())}; install the main job's "
+                          "extra with pip install 'gessl_ext[train]' (nothing was run)")
+    return cfg
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,7 +100,14 @@ def train_main(argv: list[str] | None = None) -> int:
 
     def body():
         given = vars(train_parser().parse_args(argv))
-        cfg = resolve(given)
+        cfg = resolve_checked(given)
+        done = finished_metrics(cfg) if cfg["resume"] else None
+        if done is not None:
+            if os.environ.get("RANK", "0") == "0":   # under torchrun, rank 0 alone reports
+                print(f"gessl-train: the run in {cfg['out']} is already finished ({done['epochs_completed']} epochs, "
+                      f"{done['steps']} steps); nothing to do and no file changed (a larger --epochs or "
+                      "--time-budget trains further)")
+            return 0
         metrics = run_training(cfg)
         if not metrics:                           # a torchrun rank other than 0
             return 0
@@ -76,13 +126,16 @@ COMPARE_COLUMNS = [
     ("sigma_unseen", "σ/sample ↓"), ("one_step_accuracy_train", "one-step acc %"), ("ratio_r", "r"),
     ("epoch", "epochs"), ("train_seconds", "train s"), ("steps_per_second", "steps/s"),
 ]
+COMPARE_OUT = "runs/compare-{method}"
+"""gessl-compare's default --out."""
 DECIMALS = {"sigma_unseen": 3, "ratio_r": 3, "epoch": 1, "train_seconds": 0, "steps_per_second": 3}
 
 
 def compare_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gessl-compare", description="Run one SSL method with and without GeSSL (or with several "
                      "hypergradient methods) for several seeds; tables at equal epochs and equal training time.")
-    add_arguments(parser)
+    add_arguments(parser, {"out": "output folder: compare.md, compare.json, compare.png, and each run in "
+                                  f"<out>/<variant>/seed<seed> (default: {COMPARE_OUT.format(method='<method>')})"})
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     parser.add_argument("--hypergrad-methods", default=None,
                         help="compare these GeSSL hypergradient methods, e.g. fd,hvp,itd,first_order "
@@ -116,17 +169,10 @@ def _parse_seeds(text: str) -> list[int]:
 
 def _run_or_reuse(cfg: dict) -> dict:
     """Run ``cfg``; reuse a finished run in its --out with the same settings, resume an unfinished one."""
-    out = Path(cfg["out"])
-    metrics_path = out / "metrics.json"
-    if metrics_path.is_file():
-        try:
-            old = json.loads(metrics_path.read_text())
-        except json.JSONDecodeError:
-            old = None
-        if old and old.get("finished") and training_identity(old["config"]) == training_identity(cfg) \
-                and old["epochs_completed"] >= cfg["epochs"] and cfg["time_budget"] is None:
-            return old
-    if (out / "checkpoint.pt").is_file():
+    old = finished_metrics(cfg)
+    if old is not None:
+        return old
+    if (Path(cfg["out"]) / "checkpoint.pt").is_file():
         cfg = {**cfg, "resume": True}
     return run_training(cfg)
 
@@ -146,8 +192,8 @@ def compare_main(argv: list[str] | None = None) -> int:
             if key in given:
                 raise ConfigError(f"--{key.replace('_', '-')} is set by gessl-compare itself"
                                   + (" (use --seeds)" if key == "seed" else ""))
-        base = resolve(given)
-        root = Path(given.get("out") or f"runs/compare-{base['method']}")
+        base = resolve_checked(given)
+        root = Path(given.get("out") or COMPARE_OUT.format(method=base["method"]))
         seeds = _parse_seeds(args.seeds)
         variants = _variants(args, base)
         for _, overrides in variants:
@@ -177,10 +223,14 @@ def compare_main(argv: list[str] | None = None) -> int:
         root.mkdir(parents=True, exist_ok=True)
         (root / "compare.md").write_text(text)
         report.write_json(root / "compare.json", table)
-        report.plot_compare(root / "compare.png",
-                            {name: [results[name][s]["history"] for s in seeds] for name, _ in variants})
         print(text)
-        print(f"written: {root}/compare.md, compare.json, compare.png")
+        try:
+            report.plot_compare(root / "compare.png",
+                                {name: [results[name][s]["history"] for s in seeds] for name, _ in variants})
+            print(f"written: {root}/compare.md, compare.json, compare.png")
+        except Exception as exc:  # any plotting failure: the tables are already written
+            print(f"gessl-compare: warning: compare.png was not drawn ({type(exc).__name__}: {exc}); "
+                  f"{root}/compare.md and compare.json are complete", file=sys.stderr)
         return 0
 
     return _guarded("gessl-compare", body)
@@ -189,8 +239,7 @@ def compare_main(argv: list[str] | None = None) -> int:
 def compare_tables(results, variants, seeds, epochs, equal_time) -> tuple[str, dict]:
     """Markdown tables (mean ± std over seeds) at equal epochs and equal training time, and the raw values."""
     first = results[variants[0][0]][seeds[0]]["history"][-1]
-    fewshot = [(k, k.removeprefix("fewshot_").replace("way_", "-way ").replace("shot", "-shot") + " %")
-               for k in report.fewshot_keys(first)]
+    fewshot = [(k, report.fewshot_label(k) + " %") for k in report.fewshot_keys(first)]
     columns = COMPARE_COLUMNS[:2] + fewshot + COMPARE_COLUMNS[2:]
     points = {"equal epochs": lambda h: _entry_at_epoch(h, epochs)}
     if equal_time:

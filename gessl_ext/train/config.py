@@ -9,14 +9,19 @@ decay 1e-4, head temperature 0.1, SimCLR temperature 0.5.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..hypergrad import HYPERGRADIENTS, Hypergradient
 from .models import BACKBONES, PROJECTORS
 
 METHODS = ("simclr", "byol", "simsiam", "barlow", "vicreg", "moco")
-HYPERGRADS = ("fd", "hvp", "itd", "first_order", "neumann", "cg")
+#: Entry-point group of third-party hypergradient methods: each entry names a module (or object) whose import
+#: registers methods with ``gessl_ext.hypergrad.register_hypergradient``; loaded before the options are built.
+HYPERGRAD_PLUGINS = "gessl_ext.hypergradients"
 
 
 class ConfigError(ValueError):
@@ -62,7 +67,8 @@ OPTIONS = [
     # method
     Option("method", "simclr", "str", "SSL objective", choices=METHODS),
     Option("gessl", True, "bool", "train with GeSSL (--no-gessl: the plain SSL step on the union of the M tasks)"),
-    Option("hypergrad", "fd", "str", "hypergradient method of GeSSL", choices=HYPERGRADS),
+    Option("hypergrad", "fd", "str", "hypergradient method of GeSSL (settings: the --<method>-<setting> flags)",
+           choices=()),   # filled from the registry below
     Option("temperature", None, "float", "temperature of SimCLR (default 0.5) / MoCo (default 0.2)", minimum=1e-6,
            optional=True),
     Option("predictor_hidden", 512, "int", "hidden width of the BYOL / SimSiam predictor", minimum=1),
@@ -73,8 +79,6 @@ OPTIONS = [
     Option("target_steps", 10, "int", "λ, further steps to the self-motivated target", minimum=0, metavar="LAMBDA"),
     Option("inner_lr", 0.05, "float", "α, inner SGD learning rate", minimum=1e-12),
     Option("head_temperature", 0.1, "float", "τ of the pair-classification head π", minimum=1e-6),
-    Option("fd_radius", 0.01, "float", "finite-difference radius of --hypergrad fd", minimum=1e-12),
-    Option("implicit_iters", 5, "int", "iterations of --hypergrad neumann / cg", minimum=1),
     Option("task_batching", "auto", "str", "how GeSSLStep runs the tasks (auto: loop on CPU, vmap on GPU)",
            choices=("auto", "vmap", "loop")),
     Option("task_chunk_size", None, "int", "tasks per vmap call", minimum=1, optional=True),
@@ -118,8 +122,40 @@ OPTIONS = [
     Option("time_budget", None, "float", "stop training after this many seconds of training time", minimum=0.0,
            optional=True, resumable=True),
     Option("progress", True, "bool", "show a progress bar", resumable=True),
+    Option("warn_nonsmooth", True, "bool", "print the note that --hypergrad fd is biased on networks with ReLU / "
+           "max-pool layers", resumable=True),
 ]
+
+
+def _hypergrad_options() -> list[Option]:
+    """``--hypergrad`` with every registered method as a choice, and one option per method setting, keyed
+    ``<method>_<setting>`` (``--fd-radius``, ``--cg-iters``, …), from the registry after loading the plugins."""
+    for entry in importlib.metadata.entry_points(group=HYPERGRAD_PLUGINS):
+        entry.load()
+    settings = []
+    for name, cls in HYPERGRADIENTS.items():
+        for field in cls.settings():
+            kind = {bool: "bool", int: "int", float: "float", str: "str"}[type(field.default)]
+            settings.append(Option(f"{name}_{field.name}", field.default, kind,
+                                   f"{field.metadata['help']} (--hypergrad {name})", minimum=field.metadata.get("minimum")))
+    return settings
+
+
+def build_hypergradient(cfg: dict) -> Hypergradient:
+    """The method instance ``cfg`` selects, with its ``<method>_<setting>`` values."""
+    cls = HYPERGRADIENTS[cfg["hypergrad"]]
+    try:
+        return cls(**{f.name: cfg[f"{cls.name}_{f.name}"] for f in cls.settings()})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--hypergrad {cls.name}: {exc}") from None
+
+
+_hypergrad = next(i for i, o in enumerate(OPTIONS) if o.key == "hypergrad")
+OPTIONS[_hypergrad + 1:_hypergrad + 1] = _hypergrad_options()
+OPTIONS[_hypergrad] = dataclasses.replace(OPTIONS[_hypergrad], choices=tuple(HYPERGRADIENTS))
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
+RESUMABLE_FLAGS = ", ".join(o.flag for o in OPTIONS if o.resumable and o.key != "out")
+"""The flags that may change on ``--resume`` (``--out`` names the run itself)."""
 
 QUICK = {
     "train_classes": "0-4",
@@ -133,7 +169,7 @@ QUICK = {
     "fewshot_episodes": 300,
     "eval_tasks": 8,
 }
-"""``--quick``: the README's main job, under a minute on an idle 2-core CPU, with real accuracies."""
+"""``--quick``: the README's main job (its runtime is measured there), with real accuracies."""
 
 
 def defaults() -> dict:
@@ -213,18 +249,28 @@ def load_yaml(path: str) -> dict:
     return {str(k).replace("-", "_"): v for k, v in content.items()}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per :data:`OPTIONS` entry (default SUPPRESS, so only given flags reach the namespace)."""
+# TODO-MEASURE: /usr/bin/time -v gessl-train --quick on the idle 2-core machine (README, "The main job")
+QUICK_RUNTIME = "about 1.5 min wall-clock and 2.5 min of CPU time on an idle 2-core CPU"
+
+
+def add_arguments(parser: argparse.ArgumentParser, help_overrides: dict[str, str] | None = None) -> None:
+    """One flag per :data:`OPTIONS` entry (default SUPPRESS, so only given flags reach the namespace).
+
+    help_overrides: {key: help text} replacing an option's own (e.g. gessl-compare's ``--out``).
+    """
     parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
                         help="settings from a YAML file (command-line flags win)")
     parser.add_argument("--quick", action="store_true", default=argparse.SUPPRESS,
-                        help="small preset: under a minute on an idle 2-core CPU (" +
+                        help=f"small preset, {QUICK_RUNTIME} (" +
                              ", ".join(f"{k}={v}" for k, v in QUICK.items()) + ")")
     parser.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
-                        help="continue the run in --out from its last checkpoint")
+                        help="continue the run in --out from its last checkpoint, with the settings in its "
+                             f"config.yaml; only {RESUMABLE_FLAGS} may be given differently (a finished run is "
+                             "left untouched)")
     for opt in OPTIONS:
         default = opt.default if not isinstance(opt.default, list) else ",".join(map(str, opt.default))
-        text = opt.help if "default" in opt.help else f"{opt.help} (default: {default})"
+        text = (help_overrides or {}).get(opt.key, opt.help)
+        text = text if "default" in text else f"{text} (default: {default})"
         if opt.kind == "bool":
             parser.add_argument(opt.flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
@@ -236,24 +282,54 @@ def resolve(given: dict) -> dict:
     """Merge defaults, --quick, --config and the given flags into a validated config dict.
 
     given: the argparse namespace as a dict (only flags that were given). Returns every OPTIONS key plus
-    ``quick``, ``config`` and ``resume``.
+    ``quick``, ``config`` and ``resume``. With ``resume``, the settings are those of the run in ``--out``
+    (its ``config.yaml``); settings given again must agree with them unless they are resumable.
+
+    Raises ConfigError naming the setting (unknown, wrong type, out of range, differing on --resume).
     """
     given = dict(given)
     config_path = given.pop("config", None)
     resume = bool(given.pop("resume", False))
     from_file = load_yaml(config_path) if config_path else {}
     quick = bool(given.pop("quick", False)) or bool(coerce_quick(from_file.pop("quick", False), config_path))
-    cfg = defaults()
-    if quick:
-        cfg.update(QUICK)
+    chosen = dict(QUICK) if quick else {}     # the settings asked for, by --quick, --config and flags (later wins)
     for key, value in from_file.items():
-        cfg[key] = coerce(key, value, f"config file {config_path}")
+        chosen[key] = coerce(key, value, f"config file {config_path}")
     for key, value in given.items():
-        cfg[key] = coerce(key, value, "command line")
-    cfg.update(quick=quick, config=config_path, resume=resume)
+        chosen[key] = coerce(key, value, "command line")
+    cfg = {**defaults(), **chosen}
     if cfg["out"] is None:
         cfg["out"] = f"runs/{cfg['method']}-{'gessl' if cfg['gessl'] else 'ssl'}-seed{cfg['seed']}"
+    if resume:
+        cfg = resumed_settings(cfg["out"], chosen)
+    cfg.update(quick=quick, config=config_path, resume=resume)
+    build_hypergradient(cfg)   # the method's own validation, before anything runs
     return cfg
+
+
+def resumed_settings(out: str, chosen: dict) -> dict:
+    """The settings of the run in ``out`` (its config.yaml), with the resumable ones of ``chosen`` applied.
+
+    Raises ConfigError when ``out`` holds no config.yaml, or when ``chosen`` gives a setting that is not
+    resumable a value other than the run's (each such setting is named).
+    """
+    path = Path(out) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume: no run to continue in {out} (no config.yaml there)")
+    saved = defaults()
+    for key, value in load_yaml(str(path)).items():
+        saved[key] = coerce(key, value, str(path))
+    fixed = training_identity(saved)
+    differing = [k for k in chosen if k in fixed and chosen[k] != saved[k]]
+    if differing:
+        shown = "; ".join(f"{OPTION_BY_KEY[k].flag} {chosen[k]!r} given, {saved[k]!r} in the run" for k in differing)
+        cosine = " (--epochs not under --lr-schedule cosine)" if "epochs" in differing else ""
+        raise ConfigError(f"--resume: settings differ from the run in {out} ({shown}); on --resume only "
+                          f"{RESUMABLE_FLAGS}{cosine} may change (leave the others out: the run's config.yaml "
+                          "supplies them)")
+    saved.update({k: v for k, v in chosen.items() if k not in fixed})
+    saved["out"] = out
+    return saved
 
 
 def coerce_quick(value, path) -> bool:

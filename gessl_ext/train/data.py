@@ -38,6 +38,9 @@ CIFAR_FILES = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]),
     "cifar100": ("cifar-100-python", ["train", "test", "meta"]),
 }
+FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fashionmnist")
+BUILTIN_DATASETS = FASHION_MNIST_NAMES + tuple(CIFAR_FILES)
+"""``--data`` names read without Pillow; any other value is a folder of images."""
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # IDX type code -> (torch dtype, bytes per value)
@@ -122,7 +125,7 @@ def load_dataset(name: str, data_dir: str | None = None, image_size: int | None 
     image_size: resize target (folders: default 32; built-in datasets: native size, others resized).
     """
     key = name.lower()
-    if key in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
+    if key in FASHION_MNIST_NAMES:
         files = _find_fashion_mnist(data_dir)
         reader = functools.partial(_read_fashion_mnist, files)
     elif key in CIFAR_FILES:

@@ -175,7 +175,7 @@ def one_step_pair_accuracy(model: nn.Module, objective, views: Tensor, inner_lr:
         correct = 0.0
         for task in views:
             problem = TaskProblem(task_model, task[0], task[1], inner_lr, consts)
-            adapted = theta - inner_lr * problem.grad(theta)
+            adapted = problem.update(theta)
             with torch.no_grad():
                 correct += _pair_correct(*problem.embed(adapted))
     return 100.0 * correct / len(views)
@@ -236,8 +236,7 @@ class Evaluator:
                 result[key + "_ci95"] = ci
             from gessl_ext import sigma_measure
 
-            with torch.no_grad(), _mode(model, False):
-                _, sigma = sigma_measure(model, self.unseen_views, head_temperature=cfg["head_temperature"])
+            _, sigma = sigma_measure(model, self.unseen_views, head_temperature=cfg["head_temperature"])  # eval mode
             result["sigma_unseen"] = float(sigma)
             result["pair_accuracy_unseen"] = pair_accuracy(model, self.unseen_views)
             result["one_step_accuracy_unseen"] = one_step_pair_accuracy(model, objective, self.unseen_views,

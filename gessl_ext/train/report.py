@@ -98,16 +98,31 @@ def build_metrics(cfg: dict, run, finished: bool) -> dict:
     return metrics
 
 
+METHOD_NAMES = {"simclr": "SimCLR", "byol": "BYOL", "simsiam": "SimSiam", "barlow": "Barlow Twins",
+                "vicreg": "VICReg", "moco": "MoCo v2"}
+ACCURACY_NAMES = {"knn_accuracy": "kNN", "linear_accuracy": "linear probe"}
+
+
 def fewshot_keys(entry: dict) -> list[str]:
     return sorted(k for k in entry if k.startswith("fewshot_") and not k.endswith("_ci95"))
+
+
+def fewshot_label(key: str) -> str:
+    """'fewshot_5way_1shot' -> '5-way 1-shot'."""
+    return key.removeprefix("fewshot_").replace("way_", "-way ").replace("shot", "-shot")
+
+
+def run_title(cfg: dict) -> str:
+    """What a run trained, for plot titles: 'SimCLR + GeSSL (fd)' or 'SimCLR'."""
+    name = METHOD_NAMES.get(cfg["method"], cfg["method"])
+    return f"{name} + GeSSL ({cfg['hypergrad']})" if cfg["gessl"] else name
 
 
 def eval_line(entry: dict) -> str:
     """One line summarising an evaluation."""
     parts = [f"epoch {entry['epoch']:g}", f"kNN {entry['knn_accuracy']:.1f}%", f"linear {entry['linear_accuracy']:.1f}%"]
     for key in fewshot_keys(entry):
-        label = key.removeprefix("fewshot_").replace("way_", "-way ").replace("shot", "-shot")
-        parts.append(f"{label} {entry[key]:.1f}±{entry[key + '_ci95']:.1f}%")
+        parts.append(f"{fewshot_label(key)} {entry[key]:.1f}±{entry[key + '_ci95']:.1f}%")
     parts.append(f"σ/sample {entry['sigma_unseen']:.3f}")
     parts.append(f"one-step acc train {entry['one_step_accuracy_train']:.1f}% unseen {entry['one_step_accuracy_unseen']:.1f}%")
     return " | ".join(parts)
@@ -122,38 +137,73 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    """Write the figure as PNG through a temporary file, so a failure never leaves half a picture."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
+
+
+def _limits_with(values: list[float], extra: float, margin: float = 0.08) -> tuple[float, float]:
+    """y-limits covering ``values`` and the level ``extra`` with a margin of ``margin`` of the span."""
+    finite = [v for v in values if math.isfinite(v)] + [extra]
+    low, high = min(finite), max(finite)
+    pad = margin * (high - low) if high > low else 0.1 * max(abs(high), 1.0)
+    return low - pad, high + pad
+
+
+def _integer_ticks(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_run(out: Path, metrics: dict, log: list[dict]) -> None:
-    """loss.png (per-step SSL loss and, with GeSSL, the outer KL) and accuracy.png (vs epoch and vs time)."""
+    """loss.png (per-step SSL loss, SimCLR's collapse level, and with GeSSL the outer KL) and accuracy.png
+    (kNN, linear probe, few-shot vs epoch and vs training time), every panel titled with :func:`run_title`."""
     plt = _pyplot()
-    gessl = metrics["config"]["gessl"]
-    fig, axes = plt.subplots(1, 2 if gessl else 1, figsize=(10 if gessl else 5, 3.5), squeeze=False)
-    steps = [r["step"] for r in log]
-    axes[0, 0].plot(steps, [r["ssl_loss"] for r in log])
     cfg = metrics["config"]
+    title = run_title(cfg)
+    gessl = cfg["gessl"]
+    fig, axes = plt.subplots(1, 2 if gessl else 1, figsize=(10 if gessl else 5.5, 3.8), squeeze=False)
+    steps = [r["step"] for r in log]
+    ssl = [r["ssl_loss"] for r in log]
+    left = axes[0, 0]
+    left.plot(steps, ssl, marker=".", label="SSL loss at θ")
     if cfg["method"] == "simclr":   # NT-Xent when all embeddings coincide (per task for GeSSL, union batch otherwise)
-        n = cfg["task_size"] * (1 if cfg["gessl"] else cfg["tasks"])
-        axes[0, 0].axhline(math.log(2 * n - 1), color="gray", linestyle="--", label="ln(2N-1): collapsed")
-        axes[0, 0].legend(fontsize=8)
-    axes[0, 0].set(xlabel="outer step", ylabel="SSL loss at θ", title=cfg["method"])
+        n = cfg["task_size"] * (1 if gessl else cfg["tasks"])
+        level = math.log(2 * n - 1)
+        left.axhline(level, color="gray", linestyle="--", label=f"collapsed: ln(2·{n}−1) = {level:.2f}")
+        left.set_ylim(*_limits_with(ssl, level))
+    left.legend(fontsize=8, loc="best")
+    left.set(xlabel="outer step" if gessl else "step", ylabel="SSL loss at θ", title=f"{title}: SSL loss")
+    _integer_ticks(left)
     if gessl:
-        axes[0, 1].plot(steps, [r["kl"] for r in log], color="tab:red")
-        axes[0, 1].set(xlabel="outer step", ylabel="outer KL (GeSSL loss)", yscale="log")
+        kl = [r["kl"] for r in log]
+        right = axes[0, 1]
+        right.plot(steps, kl, color="tab:red", marker=".")
+        right.set(xlabel="outer step", ylabel="outer KL (GeSSL loss L)", title=f"{title}: outer KL, mean over tasks",
+                  yscale="log" if kl and min(kl) > 0 else "linear")
+        _integer_ticks(right)
     fig.tight_layout()
-    fig.savefig(Path(out) / "loss.png", dpi=100)
+    _save(fig, Path(out) / "loss.png")
     plt.close(fig)
 
     history = metrics["history"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     keys = list(ACCURACY_KEYS) + (fewshot_keys(history[0]) if history else [])
     for key in keys:
         ys = [h[key] for h in history]
-        axes[0].plot([h["epoch"] for h in history], ys, marker="o", label=key.replace("_accuracy", ""))
-        axes[1].plot([h["train_seconds"] for h in history], ys, marker="o", label=key.replace("_accuracy", ""))
-    axes[0].set(xlabel="epoch", ylabel="accuracy (%)")
-    axes[1].set(xlabel="training time (s)", ylabel="accuracy (%)")
-    axes[0].legend(fontsize=8)
+        label = ACCURACY_NAMES.get(key) or fewshot_label(key)
+        axes[0].plot([h["epoch"] for h in history], ys, marker="o", label=label)
+        axes[1].plot([h["train_seconds"] for h in history], ys, marker="o", label=label)
+    axes[0].set(xlabel="epoch", ylabel="accuracy (%)", title=f"{title}: accuracy vs epoch")
+    axes[1].set(xlabel="training time (s)", ylabel="accuracy (%)", title=f"{title}: accuracy vs training time")
+    _integer_ticks(axes[0])
+    for ax in axes:
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(Path(out) / "accuracy.png", dpi=100)
+    _save(fig, Path(out) / "accuracy.png")
     plt.close(fig)
 
 
@@ -197,10 +247,12 @@ def plot_compare(path: Path, curves: dict[str, list[list[dict]]], key: str = "kn
                          alpha=0.8, label=label)
             axes[1].plot([h["train_seconds"] for h in history], [h[key] for h in history], color=color, marker=".",
                          alpha=0.8, label=label)
-    name = key.replace("_", " ")
-    axes[0].set(xlabel="epoch", ylabel=f"{name} (%)")
-    axes[1].set(xlabel="training time (s)", ylabel=f"{name} (%)")
-    axes[0].legend(fontsize=8)
+    name = ACCURACY_NAMES.get(key) or fewshot_label(key)
+    axes[0].set(xlabel="epoch", ylabel=f"{name} accuracy (%)", title=f"{name} vs epoch")
+    axes[1].set(xlabel="training time (s)", ylabel=f"{name} accuracy (%)", title=f"{name} vs training time")
+    _integer_ticks(axes[0])
+    for ax in axes:
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)

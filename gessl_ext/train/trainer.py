@@ -8,7 +8,9 @@ uninterrupted run would have (bit-identical on the CPU).
 
 Output folder: ``config.yaml`` (resolved settings), ``log.jsonl`` (one line per outer step),
 ``checkpoint.pt`` (after every epoch), ``metrics.json`` (rewritten after every evaluation, ``finished``
-true at the end), ``loss.png`` and ``accuracy.png``.
+true at the end), then ``loss.png`` and ``accuracy.png``. A failure to draw the plots is reported in one
+warning line on stderr and does not fail the run (metrics.json and log.jsonl are complete by then).
+``--resume`` of a finished run changes nothing (:func:`finished_metrics`).
 """
 from __future__ import annotations
 
@@ -27,13 +29,19 @@ from gessl_ext import distributed as gdist
 from gessl_ext.allocator import retain_freed_memory
 
 from . import report
-from .config import OPTION_BY_KEY, ConfigError, training_identity
+from .config import OPTION_BY_KEY, RESUMABLE_FLAGS, ConfigError, build_hypergradient, training_identity
 from .data import BatchedAugment, DataError, TaskSampler, channel_stats, load_dataset, parse_classes, select_classes
 from .evaluate import Evaluator
 from .models import build_model
 
 RUN_FILES = ("checkpoint.pt", "metrics.json", "log.jsonl")
 CHECKPOINT_VERSION = 1
+
+
+NONSMOOTH_NOTE = ("--hypergrad fd is biased on networks with ReLU-like or max-pool layers, as this one has (the "
+                  "finite difference counts the jumps of the gradient, so its error does not shrink with "
+                  "--fd-radius); --hypergrad hvp is exact at a similar cost; --no-warn-nonsmooth silences this note")
+"""The CLI's text for gessl_ext.NonSmoothModelWarning (whose own text names the Python argument)."""
 
 
 class RunError(ValueError):
@@ -139,14 +147,14 @@ class Run:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 self.step = GeSSLStep(self.model, objective, inner_lr=cfg["inner_lr"], inner_steps=cfg["inner_steps"],
-                                      target_steps=cfg["target_steps"], hypergrad=cfg["hypergrad"],
-                                      head_temperature=cfg["head_temperature"], fd_radius=cfg["fd_radius"],
-                                      implicit_iters=cfg["implicit_iters"], task_batching=cfg["task_batching"],
+                                      target_steps=cfg["target_steps"], hypergrad=build_hypergradient(cfg),
+                                      head_temperature=cfg["head_temperature"], task_batching=cfg["task_batching"],
                                       task_chunk_size=cfg["task_chunk_size"], autocast_dtype=amp,
+                                      warn_nonsmooth=cfg["warn_nonsmooth"],
                                       process_group=torch.distributed.group.WORLD if distributed else None)
-            for w in caught:   # fd on a ReLU network: a one-line note once training starts; others pass through
+            for w in caught:   # fd on a ReLU network: a one-line note in the CLI's terms; others pass through
                 if issubclass(w.category, NonSmoothModelWarning):
-                    self.notes.append(str(w.message))
+                    self.notes.append(NONSMOOTH_NOTE)
                 else:
                     warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         else:
@@ -197,8 +205,8 @@ class Run:
         diffs = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
         if diffs:
             shown = "; ".join(f"{k}: {theirs.get(k)!r} in the checkpoint, {mine.get(k)!r} now" for k in diffs[:4])
-            raise RunError(f"checkpoint {path} is from a different config ({shown}); only epochs, eval_every, "
-                           "time_budget, device, out and progress may change on --resume")
+            raise RunError(f"checkpoint {path} is from a different config ({shown}); only {RESUMABLE_FLAGS} may "
+                           "change on --resume")
         if ckpt["epoch"] > self.cfg["epochs"]:
             raise RunError(f"checkpoint {path} is at epoch {ckpt['epoch']}, beyond --epochs {self.cfg['epochs']}")
         return ckpt
@@ -273,6 +281,28 @@ class Run:
         record.update(step=self.state["global_step"], epoch=self.state["epoch"], lr=lr, aug_seconds=t1 - t0,
                       step_seconds=t2 - t1, train_seconds=self.state["train_seconds"])
         return record
+
+
+def finished_metrics(cfg: dict) -> dict | None:
+    """The metrics.json of a finished run in ``cfg['out']`` that already covers ``cfg``, else None.
+
+    Covers: same training settings, and at least ``cfg['epochs']`` epochs trained or the training-time
+    budget ``cfg['time_budget']`` used up. Reads only; such a run has nothing left to do.
+    """
+    path = Path(cfg["out"]) / "metrics.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not (isinstance(old, dict) and old.get("finished") and isinstance(old.get("config"), dict)):
+        return None
+    try:
+        same = training_identity(old["config"]) == training_identity(cfg)
+    except KeyError:   # a metrics.json from an older version without some setting
+        return None
+    budget = cfg["time_budget"]
+    done = old["epochs_completed"] >= cfg["epochs"] or (budget is not None and old["train_seconds"] >= budget)
+    return old if same and done else None
 
 
 def run_training(cfg: dict) -> dict:
@@ -364,5 +394,9 @@ def _train(run: Run) -> dict:
         print(report.eval_line(run.evaluate(run.state["epoch"])))
     final = metrics(True)
     report.write_json(out / "metrics.json", final)
-    report.plot_run(out, final, report.read_jsonl(log_path))
+    try:
+        report.plot_run(out, final, report.read_jsonl(log_path))
+    except Exception as exc:  # any plotting failure: the run's results are already complete on disk
+        print(f"gessl-train: warning: the plots in {out} were not drawn ({type(exc).__name__}: {exc}); "
+              "metrics.json, log.jsonl and checkpoint.pt are complete", file=sys.stderr)
     return final

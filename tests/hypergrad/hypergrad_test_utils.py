@@ -16,17 +16,18 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from gessl_ext import GeSSLStep
+from gessl_ext.inner import InnerSGD
 
 Tensor = torch.Tensor
 
 
 # --- quadratic inner problem -----------------------------------------------------------------------
 
-class QuadraticProblem:
+class QuadraticProblem(InnerSGD):
     """grad(θ) = Aθ − b, hvp(θ, v) = Av: the problem protocol the strategies use. A [P, P], b [P]."""
 
-    def __init__(self, matrix: Tensor, offset: Tensor, inner_lr: float):
-        self.matrix, self.offset, self.inner_lr = matrix, offset, inner_lr
+    def __init__(self, matrix: Tensor, offset: Tensor, inner_lr: float, use_kernels: bool = False):
+        self.matrix, self.offset, self.inner_lr, self.use_kernels = matrix, offset, inner_lr, use_kernels
 
     def second_order(self):
         return contextlib.nullcontext()
@@ -37,7 +38,7 @@ class QuadraticProblem:
     def hvp(self, theta: Tensor, v: Tensor) -> Tensor:
         return self.matrix @ v
 
-    def vjp(self, fn, theta: Tensor, cotangent: Tensor, value=None) -> Tensor:
+    def vjp(self, fn, theta: Tensor, cotangent: Tensor) -> Tensor:
         return torch.func.vjp(fn, theta)[1](cotangent)[0]
 
 
@@ -56,18 +57,19 @@ def sgd_trajectory(problem, theta: Tensor, steps: int) -> list[Tensor]:
     return trajectory
 
 
-def quadratic_results(method, config, expected_fn, dim: int = 6, num_problems: int = 3):
-    """Run ``method`` on ``num_problems`` random quadratics (seeded), one at a time and under ``torch.func.vmap``
-    with batched (A, b, θ, v). Returns (looped, batched, expected), each [num_problems, dim], where
-    expected = ``expected_fn(A, v)`` per problem."""
+def quadratic_results(method, inner_lr, inner_steps, expected_fn, dim: int = 6, num_problems: int = 3):
+    """Run ``method`` (a Hypergradient instance) on ``num_problems`` random quadratics (seeded) with K =
+    ``inner_steps`` SGD steps of rate ``inner_lr``, one at a time and under ``torch.func.vmap`` with batched
+    (A, b, θ, v). Returns (looped, batched, expected), each [num_problems, dim], where expected =
+    ``expected_fn(A, v)`` per problem."""
     generator = torch.Generator().manual_seed(1234)
     matrices = random_spd(dim, generator, (num_problems,))
     offsets, thetas, outer_grads = (torch.randn(num_problems, dim, generator=generator, dtype=torch.float64)
                                     for _ in range(3))
 
     def one(matrix, offset, theta, outer_grad):
-        problem = QuadraticProblem(matrix, offset, config.inner_lr)
-        return method(problem, sgd_trajectory(problem, theta, config.inner_steps), outer_grad, config)
+        problem = QuadraticProblem(matrix, offset, inner_lr)
+        return method(problem, sgd_trajectory(problem, theta, inner_steps), outer_grad)
 
     looped = torch.stack([one(*args) for args in zip(matrices, offsets, thetas, outer_grads)])
     batched = vmap(one)(matrices, offsets, thetas, outer_grads)
@@ -75,10 +77,10 @@ def quadratic_results(method, config, expected_fn, dim: int = 6, num_problems: i
     return looped, batched, expected
 
 
-def check_quadratic_strategy(method, config, expected_fn, tol: float, dim: int = 6) -> None:
+def check_quadratic_strategy(method, inner_lr, inner_steps, expected_fn, tol: float, dim: int = 6) -> None:
     """Assert that the looped and the vmapped results equal ``expected_fn(A, v)`` to ``tol`` relative and
     each other to 1e-13 (see :func:`quadratic_results`)."""
-    looped, batched, expected = quadratic_results(method, config, expected_fn, dim)
+    looped, batched, expected = quadratic_results(method, inner_lr, inner_steps, expected_fn, dim)
     for got in (looped, batched):
         assert rel_err(got, expected) <= tol, (rel_err(got, expected), tol)
     assert rel_err(batched, looped) <= 1e-13

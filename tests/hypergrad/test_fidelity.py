@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from gessl_ext import GeSSLStep, NonSmoothModelWarning, losses
+from gessl_ext.hypergrad import FD
 from hypergrad_test_utils import rel_err, smooth_mlp, step_hypergradient
 
 SIMCLR = losses.SimCLR(temperature=0.5)
@@ -28,7 +29,7 @@ def fd_errors(model, views):
     """(relative error of hvp, [relative error of fd at each radius in RADII]) against itd."""
     exact, _ = step_hypergradient(model, views, SIMCLR, hypergrad="itd", **STEP)
     hvp, _ = step_hypergradient(model, views, SIMCLR, hypergrad="hvp", **STEP)
-    fd = [rel_err(step_hypergradient(model, views, SIMCLR, hypergrad="fd", fd_radius=r, **STEP)[0], exact)
+    fd = [rel_err(step_hypergradient(model, views, SIMCLR, hypergrad=FD(radius=r), **STEP)[0], exact)
           for r in RADII]
     return rel_err(hvp, exact), fd
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gessl_ext import losses
-from gessl_ext.hypergrad import HypergradConfig, first_order
+from gessl_ext.hypergrad import FirstOrder
 from hypergrad_test_utils import check_quadratic_strategy, rel_err, smooth_mlp, step_hypergradient, unrolled_reference
 
 SIMCLR = losses.SimCLR(temperature=0.5)
@@ -11,8 +11,7 @@ SIMCLR = losses.SimCLR(temperature=0.5)
 
 @pytest.mark.parametrize("inner_steps", [1, 3])
 def test_quadratic_first_order_returns_the_outer_gradient(inner_steps):
-    config = HypergradConfig(inner_lr=0.1, inner_steps=inner_steps)
-    check_quadratic_strategy(first_order, config, lambda matrix, v: v, tol=0.0)
+    check_quadratic_strategy(FirstOrder(), 0.1, inner_steps, lambda matrix, v: v, tol=0.0)
 
 
 @pytest.mark.parametrize("inner_steps", [1, 3])

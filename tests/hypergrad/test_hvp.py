@@ -5,7 +5,7 @@ from torch import nn
 from torch.func import jvp, vjp
 
 from gessl_ext import GeSSLStep, losses
-from gessl_ext.hypergrad import HypergradConfig, hvp
+from gessl_ext.hypergrad import HVP
 from gessl_ext.tasks import TaskProblem
 from hypergrad_test_utils import (check_quadratic_strategy, flat_ssl_hessian, flatten, rel_err, smooth_mlp,
                                   step_hypergradient, unrolled_reference)
@@ -16,12 +16,10 @@ STEP = dict(inner_lr=0.05, target_steps=3, head_temperature=0.1)
 
 @pytest.mark.parametrize("inner_steps", [1, 3])
 def test_quadratic_hvp_is_the_product_of_step_jacobians(inner_steps):
-    config = HypergradConfig(inner_lr=0.1, inner_steps=inner_steps)
-
     def expected(matrix, v):
         return torch.linalg.matrix_power(torch.eye(len(v), dtype=v.dtype) - 0.1 * matrix, inner_steps) @ v
 
-    check_quadratic_strategy(hvp, config, expected, tol=1e-13)
+    check_quadratic_strategy(HVP(), 0.1, inner_steps, expected, tol=1e-13)
 
 
 def tiny_relu_maxpool_convnet():

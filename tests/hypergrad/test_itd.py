@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gessl_ext import losses
-from gessl_ext.hypergrad import HypergradConfig, itd
+from gessl_ext.hypergrad import ITD
 from hypergrad_test_utils import check_quadratic_strategy, rel_err, smooth_mlp, step_hypergradient, unrolled_reference
 
 SIMCLR = losses.SimCLR(temperature=0.5)
@@ -11,12 +11,10 @@ SIMCLR = losses.SimCLR(temperature=0.5)
 
 @pytest.mark.parametrize("inner_steps", [1, 3])
 def test_quadratic_itd_is_the_product_of_step_jacobians(inner_steps):
-    config = HypergradConfig(inner_lr=0.1, inner_steps=inner_steps)
-
     def expected(matrix, v):
         return torch.linalg.matrix_power(torch.eye(len(v), dtype=v.dtype) - 0.1 * matrix, inner_steps) @ v
 
-    check_quadratic_strategy(itd, config, expected, tol=1e-13)
+    check_quadratic_strategy(ITD(), 0.1, inner_steps, expected, tol=1e-13)
 
 
 @pytest.mark.parametrize("batchnorm", [False, True])

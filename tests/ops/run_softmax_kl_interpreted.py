@@ -21,17 +21,15 @@ softmax_kl_module = importlib.import_module("gessl_ext.ops.softmax_kl")
 
 
 def run_case(kernel, case):
-    z1, z2, grad, temperature = case["z1"], case["z2"], case["grad"], case["temperature"]
-    targets = {name: case.get(name) for name in ("target_logp", "t1", "t2")}
+    z1, z2, t1, t2, grad, temperature = (case[k] for k in ("z1", "z2", "t1", "t2", "grad", "temperature"))
     if case["mode"] == "launcher":
-        loss, lse, target_stat = kernel.softmax_kl_forward(z1, z2, temperature, softmax_kl_module.NORM_EPS, **targets)
-        dz1, dz2 = kernel.softmax_kl_backward(grad, z1, z2, temperature, softmax_kl_module.NORM_EPS, lse,
-                                              target_stat, **targets)
+        loss, lse, target_lse = kernel.softmax_kl_forward(z1, z2, t1, t2, temperature, softmax_kl_module.NORM_EPS)
+        dz1, dz2 = kernel.softmax_kl_backward(grad, z1, z2, t1, t2, temperature, softmax_kl_module.NORM_EPS, lse,
+                                              target_lse)
     else:
-        ordered = (targets["target_logp"], targets["t1"], targets["t2"])
-        loss, lse, target_stat = softmax_kl_module._forward_cuda(z1, z2, *ordered, temperature)
-        dz1, dz2 = softmax_kl_module._backward_cuda(grad, z1, z2, *ordered, temperature, lse, target_stat)
-    return dict(loss=loss, lse=lse, target_stat=target_stat, dz1=dz1, dz2=dz2)
+        loss, lse, target_lse = softmax_kl_module._forward_cuda(z1, z2, t1, t2, temperature)
+        dz1, dz2 = softmax_kl_module._backward_cuda(grad, z1, z2, t1, t2, temperature, lse, target_lse)
+    return dict(loss=loss, lse=lse, target_lse=target_lse, dz1=dz1, dz2=dz2)
 
 
 def main(cases_path, results_path):

@@ -9,7 +9,7 @@ import torch
 from gessl_ext import ops
 from gessl_ext.ops import _backends
 
-OPS = ("softmax_kl", "fd_perturb", "fd_update", "task_sgd")
+OPS = ("softmax_kl", "fd_perturb", "fd_update")
 
 
 def expected_backends():
@@ -18,7 +18,7 @@ def expected_backends():
     triton_module, _ = _backends.triton_kernel("softmax_kl")
     extension = "cuda" if _backends.EXTENSION is not None else "torch"
     return {"softmax_kl": "triton" if triton_module is not None else "torch", "fd_perturb": extension,
-            "fd_update": extension, "task_sgd": extension}
+            "fd_update": extension}
 
 
 def test_kernels_info_reports_the_backends_in_use():
@@ -46,11 +46,10 @@ def test_extension_schemas_match_the_op_layer():
     if _backends.EXTENSION is None:
         pytest.skip(_backends.EXTENSION_ERROR)
     schemas = {name: str(getattr(torch.ops.gessl_ext_C, name).default._schema)
-               for name in ("fd_perturb", "fd_update", "task_sgd")}
+               for name in ("fd_perturb", "fd_update")}
     assert schemas["fd_perturb"].endswith(
         "fd_perturb(Tensor theta, Tensor u, float radius, bool poison=False) -> (Tensor, Tensor, Tensor)")
     assert "float alpha, bool poison=False) -> Tensor" in schemas["fd_update"]
-    assert "bool return_norm, bool poison=False) -> (Tensor, Tensor)" in schemas["task_sgd"]
 
 
 @pytest.mark.cuda
@@ -58,5 +57,5 @@ def test_gpu_check_builds_use_the_fast_backends():
     """bench/gpu_check.sh sets GESSL_EXT_EXPECT_KERNELS=1 after building: there every op must be fast."""
     if os.environ.get("GESSL_EXT_EXPECT_KERNELS") != "1":
         pytest.skip("GESSL_EXT_EXPECT_KERNELS is not set")
-    assert ops.kernels_info() == {"softmax_kl": "triton", "fd_perturb": "cuda", "fd_update": "cuda",
-                                  "task_sgd": "cuda"}, ops.kernels_summary()
+    assert ops.kernels_info() == {"softmax_kl": "triton", "fd_perturb": "cuda", "fd_update": "cuda"}, \
+        ops.kernels_summary()

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gessl_ext.train.cli import compare_main, train_main
-from gessl_ext.train.data import DEBIAN_FASHION_MNIST
+from gessl_ext.train.cli import compare_main, train_main, train_parser
+from gessl_ext.train.data import DEBIAN_FASHION_MNIST, read_idx
+from idx_files import write_idx
 
 pytestmark = pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
                                 reason="apt-get install dataset-fashion-mnist")
@@ -19,8 +20,22 @@ TINY = ["--image-size", "12", "--train-classes", "0-4", "--train-subset", "128",
         "--fewshot-queries", "5", "--eval-tasks", "2", "--target-steps", "2", "--no-progress"]
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> list[str]:
+    """TINY on a slice of the real Fashion-MNIST, its first 2000 training and 1000 test images as plain IDX
+    files: each run (and each torchrun rank) then reads 2 MB instead of decompressing 30 MB and resizing
+    70 000 images it never uses."""
+    folder = tmp_path_factory.mktemp("fashion-slice")
+    for stem, count in (("train-images-idx3-ubyte", 2000), ("train-labels-idx1-ubyte", 2000),
+                        ("t10k-images-idx3-ubyte", 1000), ("t10k-labels-idx1-ubyte", 1000)):
+        write_idx(folder / stem, read_idx(DEBIAN_FASHION_MNIST / f"{stem}.gz")[:count].numpy(), 0x08, False)
+    return TINY + ["--data-dir", str(folder)]
+
+
 def snapshot(folder: Path) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    """Every file's content hash and modification time."""
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.iterdir())}
 
 
 def run_ok(capsys, args) -> dict:
@@ -38,10 +53,10 @@ def fail_line(capsys, args, code=2, main=train_main) -> str:
 
 
 @pytest.fixture(scope="module")
-def gessl_run(tmp_path_factory):
+def gessl_run(tiny, tmp_path_factory):
     """A two-epoch GeSSL run (shared by the checks below)."""
     out = tmp_path_factory.mktemp("runs") / "gessl"
-    assert train_main(TINY + ["--epochs", "2", "--out", str(out)]) == 0
+    assert train_main(tiny + ["--epochs", "2", "--out", str(out)]) == 0
     return out
 
 
@@ -70,6 +85,7 @@ def test_metrics_file_of_a_gessl_run(gessl_run):
     assert metrics["config"]["gessl"] is True and metrics["config"]["task_size"] == 8
     assert metrics["data"]["pretrain_classes"] == [0, 1, 2, 3, 4] and metrics["data"]["fewshot_classes"] == [5, 6, 7, 8, 9]
     assert metrics["data"]["pretrain_images"] == 128
+    assert (metrics["data"]["train_split"], metrics["data"]["test_split"]) == (2000, 1000)   # the slice
     log = [json.loads(line) for line in (gessl_run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(math.isfinite(r["kl"]) and r["kl"] >= 0 and math.isfinite(r["ssl_loss"]) for r in log)
@@ -83,11 +99,11 @@ def test_metrics_file_of_a_gessl_run(gessl_run):
     assert {k: again[k] for k in OPTION_BY_KEY} == {k: metrics["config"][k] for k in OPTION_BY_KEY}
 
 
-def test_resume_gives_the_uninterrupted_result(gessl_run, tmp_path, capsys):
+def test_resume_gives_the_uninterrupted_result(tiny, gessl_run, tmp_path, capsys):
     out = tmp_path / "resumed"
-    first = run_ok(capsys, TINY + ["--epochs", "1", "--out", str(out)])
+    first = run_ok(capsys, tiny + ["--epochs", "1", "--out", str(out)])
     assert first["epochs_completed"] == 1
-    second = run_ok(capsys, TINY + ["--epochs", "2", "--out", str(out), "--resume"])
+    second = run_ok(capsys, ["--resume", "--out", str(out), "--epochs", "2"])   # the rest from out/config.yaml
     full = json.loads((gessl_run / "metrics.json").read_text())
     timing = {"train_seconds", "eval_seconds"}
     assert [{k: v for k, v in h.items() if k not in timing} for h in second["history"]] == \
@@ -103,8 +119,8 @@ def test_resume_gives_the_uninterrupted_result(gessl_run, tmp_path, capsys):
     assert [(r["step"], r["loss"], r["kl"]) for r in log] == [(r["step"], r["loss"], r["kl"]) for r in ref_log]
 
 
-def test_plain_ssl_with_a_stateful_objective_resumes_exactly(tmp_path, capsys):
-    args = TINY + ["--no-gessl", "--method", "moco", "--moco-queue", "64", "--no-eval-initial", "--eval-every", "0"]
+def test_plain_ssl_with_a_stateful_objective_resumes_exactly(tiny, tmp_path, capsys):
+    args = tiny + ["--no-gessl", "--method", "moco", "--moco-queue", "64", "--no-eval-initial", "--eval-every", "0"]
     full = run_ok(capsys, args + ["--epochs", "2", "--out", str(tmp_path / "full")])
     run_ok(capsys, args + ["--epochs", "1", "--out", str(tmp_path / "part")])
     part = run_ok(capsys, args + ["--epochs", "2", "--out", str(tmp_path / "part"), "--resume"])
@@ -117,24 +133,102 @@ def test_plain_ssl_with_a_stateful_objective_resumes_exactly(tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_occupied_out_and_other_config_checkpoint_change_nothing(gessl_run, capsys):
+def test_occupied_out_other_settings_and_a_finished_run_change_nothing(tiny, gessl_run, capsys):
     before = snapshot(gessl_run)
-    err = fail_line(capsys, TINY + ["--epochs", "2", "--out", str(gessl_run)])
+    err = fail_line(capsys, tiny + ["--epochs", "2", "--out", str(gessl_run)])
     assert "already holds a run" in err
-    err = fail_line(capsys, TINY + ["--epochs", "3", "--task-size", "4", "--out", str(gessl_run), "--resume"])
-    assert "different config" in err and "task_size" in err
-    err = fail_line(capsys, TINY + ["--epochs", "3", "--method", "byol", "--out", str(gessl_run), "--resume"])
-    assert "method" in err
+    err = fail_line(capsys, tiny + ["--epochs", "3", "--task-size", "4", "--out", str(gessl_run), "--resume"])
+    assert "settings differ" in err and "--task-size 4 given, 8 in the run" in err
+    err = fail_line(capsys, ["--epochs", "3", "--method", "byol", "--out", str(gessl_run), "--resume"])
+    assert "--method 'byol' given, 'simclr' in the run" in err
+    # resuming the finished run: nothing to do, every file byte-identical with its old modification time
+    for args in (["--resume", "--out", str(gessl_run)], tiny + ["--epochs", "2", "--resume", "--out", str(gessl_run)]):
+        assert train_main(args) == 0
+        said = capsys.readouterr()
+        assert "already finished (2 epochs, 4 steps); nothing to do and no file changed" in said.out, said
+        assert said.err == ""
     assert snapshot(gessl_run) == before
 
 
-def test_corrupt_checkpoint_and_nothing_to_resume(tmp_path, capsys):
+def test_the_checkpoint_guards_against_an_edited_config_yaml(gessl_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "edited"
+    shutil.copytree(gessl_run, out)
+    (out / "metrics.json").unlink()                 # not finished, so --resume would train
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace("task_size: 8", "task_size: 4"))
+    before = snapshot(out)
+    err = fail_line(capsys, ["--resume", "--epochs", "3", "--out", str(out)])
+    assert "is from a different config (task_size: 8 in the checkpoint, 4 now)" in err
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("main", [train_main, compare_main])
+@pytest.mark.parametrize("absent,extra,named", [
+    (["matplotlib"], [], "matplotlib"),
+    (["tqdm", "yaml"], [], "yaml (PyYAML), tqdm"),
+    (["yaml"], ["--config", "run.yaml"], "yaml (PyYAML)"),
+    (["torchvision"], ["--backbone", "resnet50"], "torchvision"),
+])
+def test_a_missing_optional_dependency_stops_before_any_work(tiny, monkeypatch, tmp_path, capsys, main, absent,
+                                                            extra, named):
+    import sys
+
+    for name in absent:
+        monkeypatch.setitem(sys.modules, name, None)     # `import name` now raises ModuleNotFoundError
+    out = tmp_path / "out"
+    err = fail_line(capsys, tiny + extra + ["--out", str(out)], main=main)
+    assert f"missing optional dependencies: {named}; install the main job's extra with pip install " \
+           "'gessl_ext[train]' (nothing was run)" in err
+    assert not out.exists()
+
+
+def test_a_plotting_failure_keeps_the_results_and_says_so(tiny, monkeypatch, tmp_path, capsys):
+    """The dependency check imports matplotlib; pyplot failing later (a broken backend) loses nothing.
+    torchvision is absent too: the convnet run does not need it."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    out = tmp_path / "noplots"
+    assert train_main(tiny + ["--no-gessl", "--epochs", "1", "--no-eval-initial", "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"gessl-train: warning: the plots in {out} were not drawn (ModuleNotFoundError: ") \
+        and err.endswith("metrics.json, log.jsonl and checkpoint.pt are complete") and len(err.splitlines()) == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["finished"] is True and metrics["steps"] == 2
+    check_entry(metrics["final"])
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "log.jsonl", "metrics.json"]
+
+
+def test_the_nonsmooth_note_names_the_cli_flag(tiny, capsys):
+    from gessl_ext.train.config import resolve
+    from gessl_ext.train.trainer import NONSMOOTH_NOTE, Run
+
+    def notes(*extra):
+        return Run(resolve(vars(train_parser().parse_args(tiny + list(extra) + ["--out", "unused"])))).notes
+
+    assert notes() == [NONSMOOTH_NOTE] and "--no-warn-nonsmooth" in NONSMOOTH_NOTE   # fd on the ReLU convnet
+    assert "warn_nonsmooth=False" not in NONSMOOTH_NOTE
+    assert notes("--no-warn-nonsmooth") == [] and notes("--hypergrad", "hvp") == []
+
+
+def test_corrupt_checkpoint_and_nothing_to_resume(tiny, tmp_path, capsys):
     out = tmp_path / "broken"
     out.mkdir()
-    err = fail_line(capsys, TINY + ["--out", str(out), "--resume"])
+    err = fail_line(capsys, tiny + ["--out", str(out), "--resume"])
+    assert "--resume: no run to continue in" in err
+    from gessl_ext.train.config import OPTION_BY_KEY, resolve
+    from gessl_ext.train.report import write_yaml
+
+    cfg = resolve(vars(train_parser().parse_args(tiny + ["--out", str(out)])))
+    write_yaml(out / "config.yaml", {k: cfg[k] for k in OPTION_BY_KEY})
+    err = fail_line(capsys, tiny + ["--out", str(out), "--resume"])
     assert "no checkpoint.pt" in err
     (out / "checkpoint.pt").write_bytes(b"garbage")
-    err = fail_line(capsys, TINY + ["--out", str(out), "--resume"])
+    err = fail_line(capsys, tiny + ["--out", str(out), "--resume"])
     assert "cannot read checkpoint" in err
     assert (out / "checkpoint.pt").read_bytes() == b"garbage"
 
@@ -153,26 +247,24 @@ def test_corrupt_checkpoint_and_nothing_to_resume(tmp_path, capsys):
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--data", "cifar10", "--data-dir", "/nonexistent"], "cifar10 not found: missing data_batch_1"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, extra, match):
+def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, extra, match):
     import re
 
     out = tmp_path / "out"
-    err = fail_line(capsys, TINY + extra + ["--out", str(out)])
+    err = fail_line(capsys, tiny + extra + ["--out", str(out)])
     assert re.search(match, err), err
     assert not out.exists()
 
 
-def test_unreadable_data_files(tmp_path, capsys):
+def test_unreadable_data_files(tiny, tmp_path, capsys):
     import shutil
 
     data_dir = tmp_path / "fmnist"
-    data_dir.mkdir()
-    for path in DEBIAN_FASHION_MNIST.glob("*.gz"):
-        shutil.copy(path, data_dir / path.name)
-    labels = data_dir / "t10k-labels-idx1-ubyte.gz"
+    shutil.copytree(tiny[tiny.index("--data-dir") + 1], data_dir)
+    labels = data_dir / "t10k-labels-idx1-ubyte"
     labels.write_bytes(labels.read_bytes()[:-100])
-    err = fail_line(capsys, TINY + ["--data-dir", str(data_dir), "--out", str(tmp_path / "a")])
-    assert "t10k-labels-idx1-ubyte.gz" in err
+    err = fail_line(capsys, tiny + ["--data-dir", str(data_dir), "--out", str(tmp_path / "a")])
+    assert "t10k-labels-idx1-ubyte" in err and "truncated" in err
     images = tmp_path / "images"
     for cls in ("a", "b"):
         (images / cls).mkdir(parents=True)
@@ -182,13 +274,13 @@ def test_unreadable_data_files(tmp_path, capsys):
         Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(images / "a" / f"{i}.png")
         Image.new("RGB", (16, 16), (0, i * 40, 0)).save(images / "b" / f"{i}.png")
     (images / "b" / "3.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
-    err = fail_line(capsys, TINY + ["--data", str(images), "--out", str(tmp_path / "b")])
+    err = fail_line(capsys, tiny + ["--data", str(images), "--out", str(tmp_path / "b")])
     assert "3.jpg" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_compare_tables_at_equal_epochs_and_equal_time(tmp_path, capsys):
-    args = TINY + ["--epochs", "1", "--seeds", "0,1", "--hypergrad-methods", "fd,hvp", "--out", str(tmp_path),
+def test_compare_tables_at_equal_epochs_and_equal_time(tiny, tmp_path, capsys):
+    args = tiny + ["--epochs", "1", "--seeds", "0,1", "--hypergrad-methods", "fd,hvp", "--out", str(tmp_path),
                    "--no-eval-initial"]
     assert compare_main(args) == 0, capsys.readouterr().err
     text = (tmp_path / "compare.md").read_text()
@@ -217,7 +309,7 @@ def test_compare_tables_at_equal_epochs_and_equal_time(tmp_path, capsys):
     assert "--seeds" in err
 
 
-def test_torchrun_two_ranks_match_one_process(gessl_run, tmp_path):
+def test_torchrun_two_ranks_match_one_process(tiny, gessl_run, tmp_path):
     """Two gloo ranks on the CPU, one task each: the same weights as one process running both tasks."""
     import os
     import subprocess
@@ -226,7 +318,7 @@ def test_torchrun_two_ranks_match_one_process(gessl_run, tmp_path):
     out = tmp_path / "ranks"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "gessl_ext.train", *TINY, "--epochs", "2", "--no-eval-initial", "--eval-every", "0", "--out", str(out)]
+           "-m", "gessl_ext.train", *tiny, "--epochs", "2", "--no-eval-initial", "--eval-every", "0", "--out", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("4 steps in") == 1                    # rank 0 alone reports

@@ -69,3 +69,32 @@ def test_retain_freed_memory_is_on_by_default_and_can_be_turned_off():
     given = vars(train_parser().parse_args(["--no-retain-freed-memory"]))
     assert resolve(given)["retain_freed_memory"] is False
     assert "retain_freed_memory" not in training_identity(resolve({}))   # may change on --resume
+
+
+def test_resume_takes_the_runs_settings_and_refuses_other_values(tmp_path):
+    from gessl_ext.train.config import OPTION_BY_KEY
+    from gessl_ext.train.report import write_yaml
+
+    out = tmp_path / "quick"
+    out.mkdir()
+    with pytest.raises(ConfigError, match=f"--resume: no run to continue in {out}"):
+        resolve({"resume": True, "out": str(out)})
+    started = resolve({"quick": True, "task_size": "16", "out": str(out)})
+    write_yaml(out / "config.yaml", {k: started[k] for k in OPTION_BY_KEY})      # what gessl-train writes
+    resumed = resolve({"resume": True, "out": str(out)})                          # nothing typed again
+    assert {k: resumed[k] for k in OPTION_BY_KEY} == {k: started[k] for k in OPTION_BY_KEY}
+    assert resumed["resume"] is True
+    again = resolve({"quick": True, "task_size": "16", "resume": True, "out": str(out)})   # the same flags agree
+    assert training_identity(again) == training_identity(started)
+    changed = resolve({"resume": True, "out": str(out), "epochs": "5", "eval_every": "0", "progress": False})
+    assert (changed["epochs"], changed["eval_every"], changed["progress"]) == (5, 0, False)
+    assert training_identity(changed) == training_identity(started)
+    with pytest.raises(ConfigError, match=r"--task-size 4 given, 16 in the run; --seed 3 given, 0 in the run\); "
+                                          r"on --resume only .*--epochs, .*--eval-every, --time-budget, --progress"):
+        resolve({"resume": True, "out": str(out), "task_size": "4", "seed": "3"})
+    with pytest.raises(ConfigError, match="--task-size 32 given, 16"):          # --quick alone means N = 32
+        resolve({"resume": True, "out": str(out), "quick": True})
+    cosine = resolve({"quick": True, "lr_schedule": "cosine", "out": str(out)})
+    write_yaml(out / "config.yaml", {k: cosine[k] for k in OPTION_BY_KEY})
+    with pytest.raises(ConfigError, match=r"--epochs 5 given, 2 in the run\).*not under --lr-schedule cosine"):
+        resolve({"resume": True, "out": str(out), "epochs": "5"})

@@ -1,7 +1,5 @@
 """IDX reader, dataset loaders, class splits, batched augmentation and task sampling."""
-import gzip
 import pickle
-import struct
 
 import numpy as np
 import pytest
@@ -10,15 +8,10 @@ import torch.nn.functional as F
 
 from gessl_ext.train.data import (DEBIAN_FASHION_MNIST, BatchedAugment, DataError, TaskSampler, load_dataset,
                                   parse_classes, read_idx)
+from idx_files import write_idx
 
 HAVE_FASHION = (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file()
 needs_fashion = pytest.mark.skipif(not HAVE_FASHION, reason="apt-get install dataset-fashion-mnist")
-
-
-def write_idx(path, array: np.ndarray, code: int, compress: bool) -> None:
-    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-    (gzip.open if compress else open)(path, "wb").write(payload)
 
 
 # --- IDX ------------------------------------------------------------------------------------------

@@ -1,0 +1,113 @@
+"""What every hypergradient method is: a frozen dataclass of its own settings, registered under a name.
+
+A method is called once per task as ``method(problem, trajectory, outer_grad) -> dL_l/dθ [P]``:
+
+* ``problem`` — the task's inner problem (:class:`gessl_ext.tasks.TaskProblem`): ``grad(θ)``, ``hvp(θ, u)``,
+  ``vjp(fn, θ, cotangent)``, ``second_order()``, ``inner_lr`` (α), ``use_kernels``, and the inner update with
+  its derivative products from :class:`gessl_ext.inner.InnerSGD` (``update``, ``update_vjp``,
+  ``proximal_matvec``, ``unroll``, ``inner_loop_vjp``). Differentiate through ``grad`` only with these: one
+  task at a time they run on plain autograd, under ``vmap`` on ``torch.func``.
+* ``trajectory`` — [θ⁰ = θ, θ¹, …, θᴷ], the inner iterates (each [P]; K = len(trajectory) − 1).
+* ``outer_grad`` — v = ∂L_l/∂θᴷ [P].
+
+Methods run under ``torch.func.vmap``: fixed iteration counts, no ``.item()``, no branching on tensor values.
+What a method needs from the step is stated by its class attribute :attr:`Hypergradient.differentiates_inner_loop`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import torch
+
+Tensor = torch.Tensor
+
+HYPERGRADIENTS: dict[str, type["Hypergradient"]] = {}
+
+
+def setting(default, help: str, *, minimum: float, inclusive: bool = True):
+    """A method setting: a dataclass field with its help text and lower bound (checked in ``__post_init__``)."""
+    return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum, "inclusive": inclusive})
+
+
+@dataclasses.dataclass(frozen=True)
+class Hypergradient:
+    """Base class of the hypergradient methods (``GeSSLStep(hypergrad=...)``).
+
+    Subclass it as a frozen dataclass whose fields are the method's settings (declared with :func:`setting`),
+    implement ``__call__(problem, trajectory, outer_grad)``, and register it with :func:`register_hypergradient`.
+    Settings are validated once, at construction: ``ValueError`` / ``TypeError`` naming the setting.
+    """
+
+    #: The name it is registered under (set by :func:`register_hypergradient`).
+    name: ClassVar[str] = ""
+    #: True when the method takes reverse-mode derivatives through the inner loop itself (``itd``). The step then
+    #: records the loop's autograd graph one task at a time, and under vmap runs BatchNorm from elementary ops
+    #: (torch's fused BatchNorm double backward has no batching rule). Methods that only use ``grad`` and
+    #: ``hvp`` (forward-over-reverse) leave it False.
+    differentiates_inner_loop: ClassVar[bool] = False
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), type(field.default)
+            label = f"{type(self).__name__}.{field.name}"
+            if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                         or (kind is int and not isinstance(value, int))):
+                raise TypeError(f"{label} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+            if kind in (int, float):
+                minimum, inclusive = field.metadata["minimum"], field.metadata["inclusive"]
+                if not math.isfinite(value) or value < minimum or (not inclusive and value == minimum):
+                    bound = f"{'>=' if inclusive else '>'} {minimum:g}"
+                    raise ValueError(f"{label} must be a finite number {bound}, got {value!r} "
+                                     f"(default {field.default!r}: {field.metadata['help']})")
+
+    def __call__(self, problem, trajectory: list[Tensor], outer_grad: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__(problem, trajectory, outer_grad)")
+
+    @classmethod
+    def settings(cls) -> list[dataclasses.Field]:
+        """The method's settings (dataclass fields with ``metadata['help']``)."""
+        return list(dataclasses.fields(cls))
+
+
+def register_hypergradient(name: str, method: type[Hypergradient] | None = None):
+    """Register a :class:`Hypergradient` subclass under ``name``; usable as ``@register_hypergradient("name")``.
+
+    Registered methods are accepted by ``GeSSLStep(hypergrad=name)`` and reachable from ``gessl-train --hypergrad``
+    with their settings as ``--<name>-<setting>`` flags (``_`` written as ``-``).
+    """
+    def add(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Hypergradient) and dataclasses.is_dataclass(cls)):
+            raise TypeError(f"hypergradient method {name!r} must be a dataclass subclass of "
+                            f"gessl_ext.hypergrad.Hypergradient, got {cls!r}; write your strategy as "
+                            "@register_hypergradient(name) @dataclass(frozen=True) class M(Hypergradient): ...")
+        if not (isinstance(name, str) and name.isidentifier()):
+            raise ValueError(f"hypergradient name must be a Python identifier, got {name!r}")
+        cls.name = name
+        HYPERGRADIENTS[name] = cls
+        return cls
+
+    return add if method is None else add(method)
+
+
+def resolve(hypergrad) -> Hypergradient:
+    """A method instance from a registered name (default settings) or an instance (returned as is)."""
+    if isinstance(hypergrad, Hypergradient):
+        return hypergrad
+    if isinstance(hypergrad, type) and issubclass(hypergrad, Hypergradient):
+        raise TypeError(f"hypergrad must be a method instance or name, got the class {hypergrad.__name__}; "
+                        f"instantiate it: {hypergrad.__name__}()")
+    if isinstance(hypergrad, str) and hypergrad in HYPERGRADIENTS:
+        return HYPERGRADIENTS[hypergrad]()
+    raise ValueError(f"unknown hypergrad {hypergrad!r}; choose one of {sorted(HYPERGRADIENTS)} "
+                     "or pass an instance such as gessl_ext.hypergrad.FD(radius=0.01)")
+
+
+def settings_table() -> str:
+    """Markdown table of every registered method and its settings (docs/hypergradients.md embeds it)."""
+    rows = ["| `hypergrad=` | class | settings (default) |", "|---|---|---|"]
+    for name, cls in HYPERGRADIENTS.items():
+        settings = "; ".join(f"`{f.name}` = {f.default!r}: {f.metadata['help']}" for f in cls.settings()) or "—"
+        rows.append(f"| `\"{name}\"` | `{cls.__name__}` | {settings} |")
+    return "\n".join(rows)

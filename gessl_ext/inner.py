@@ -1,0 +1,80 @@
+"""The inner update of GeSSL (Eq. 2) and its derivative products: their one home.
+
+θ' = θ − α∇ℓ(θ), plain SGD (no momentum, no weight decay). Its Jacobian ∂θ'/∂θ = I − αH(θ), H = ∇²ℓ, is
+symmetric, so the vector–Jacobian product is uᵀ∂θ'/∂θ = u − αH(θ)u; the implicit (iMAML, proximal)
+hypergradient solves (I + αH(θᴷ))x = v. Every user of the update — the step's inner loop and target, each
+hypergradient strategy, the fused FD-HVP op's reference, the evaluation's one-step accuracy and the benchmark
+baseline — calls the functions here, so changing the inner step means changing this file.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def sgd_update(theta: Tensor, grad: Tensor, lr: float) -> Tensor:
+    """θ − α g (Eq. 2). theta, grad: [..., P] (or any matching shapes), one dtype; lr: α > 0."""
+    return theta - lr * grad
+
+
+def sgd_update_vjp(u: Tensor, hessian_u: Tensor, lr: float) -> Tensor:
+    """uᵀ ∂(θ − α∇ℓ(θ))/∂θ = u − αHu, given the Hessian-vector product ``hessian_u`` = Hu (exact or approximate)."""
+    return u - lr * hessian_u
+
+
+def proximal_matvec(u: Tensor, hessian_u: Tensor, lr: float) -> Tensor:
+    """(I + αH) u, the matrix of the implicit (proximal) hypergradient system, given Hu."""
+    return u + lr * hessian_u
+
+
+class InnerSGD:
+    """The inner update and its derivatives for a per-task problem (mixed into :class:`gessl_ext.tasks.TaskProblem`).
+
+    The problem supplies ``inner_lr`` (α), ``grad(θ)`` = ∇ℓ(θ) [P], ``hvp(θ, u)`` = H(θ)u [P],
+    ``vjp(fn, θ, cotangent)`` and ``second_order()``; this class builds the loop and its derivative products
+    from them. ``recorded_graph`` is True on a problem whose :meth:`start` makes the inner loop record its
+    autograd graph (one task at a time, for a strategy that differentiates the loop); then
+    :meth:`inner_loop_vjp` differentiates that graph instead of running the loop again.
+    """
+
+    recorded_graph = False
+
+    def start(self, theta: Tensor) -> Tensor:
+        """θ⁰ as the inner loop should hold it: a fresh graph leaf when the loop is recorded."""
+        return theta.detach().requires_grad_() if self.recorded_graph else theta
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Context of the inner loop: gradients on (also under the caller's ``no_grad``), and attention on its
+        twice-differentiable kernel when the loop's graph is recorded."""
+        with torch.enable_grad(), self.second_order() if self.recorded_graph else contextlib.nullcontext():
+            yield
+
+    def update(self, theta: Tensor, grad: Tensor | None = None) -> Tensor:
+        """θ − α∇ℓ(θ) [P]; ``grad`` = ∇ℓ(θ) when already computed."""
+        return sgd_update(theta, self.grad(theta) if grad is None else grad, self.inner_lr)
+
+    def update_vjp(self, theta: Tensor, u: Tensor) -> Tensor:
+        """uᵀ ∂update/∂θ = u − αH(θ)u [P], with the exact Hessian-vector product."""
+        return sgd_update_vjp(u, self.hvp(theta, u), self.inner_lr)
+
+    def proximal_matvec(self, theta: Tensor, u: Tensor) -> Tensor:
+        """(I + αH(θ)) u [P]."""
+        return proximal_matvec(u, self.hvp(theta, u), self.inner_lr)
+
+    def unroll(self, theta: Tensor, steps: int) -> Tensor:
+        """θᴷ from θ by ``steps`` differentiable updates."""
+        for _ in range(steps):
+            theta = self.update(theta)
+        return theta
+
+    def inner_loop_vjp(self, trajectory: list[Tensor], cotangent: Tensor) -> Tensor:
+        """cotangentᵀ dθᴷ/dθ⁰ [P] for trajectory [θ⁰, …, θᴷ]: reverse mode through the loop's recorded graph, or
+        through :meth:`unroll` run again (K more gradient passes) when the loop was not recorded."""
+        with self.second_order():
+            if self.recorded_graph:
+                return torch.autograd.grad(trajectory[-1], trajectory[0], cotangent)[0]
+            return self.vjp(lambda theta: self.unroll(theta, len(trajectory) - 1), trajectory[0], cotangent)

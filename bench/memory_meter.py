@@ -19,7 +19,8 @@ rounded up (512-byte blocks, segment caching) and include kernel-internal scratc
 the CPU, im2col and oneDNN buffers), so the same program reports different peaks per device and per
 backend. Storage bytes of the op results depend only on the program, so the meter gives the same number
 on the CPU and on CUDA for the same sequence of ops, except where a device's kernel returns extra tensors
-(cuDNN's training BatchNorm returns a reserve-space buffer, the CPU kernel an empty one). Where no kernel
+(cuDNN's training BatchNorm may return a reserve-space buffer where the CPU kernel returns an empty one;
+not yet checked on a GPU: tests/bench/test_meters.py has the CUDA comparison without BatchNorm). Where no kernel
 uses scratch, the meter equals the CPU allocator's own allocation events exactly (tests/bench/test_meters.py).
 
 Limits: kernel-internal scratch and allocator rounding/fragmentation are not counted

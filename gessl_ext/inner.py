@@ -17,17 +17,17 @@ Tensor = torch.Tensor
 
 def sgd_update(theta: Tensor, grad: Tensor, lr: float) -> Tensor:
     """θ − α g (Eq. 2). theta, grad: [..., P] (or any matching shapes), one dtype; lr: α > 0."""
-    return theta - lr * grad
+    return torch.add(theta, grad, alpha=-lr)   # one kernel, no temporary α·g
 
 
 def sgd_update_vjp(u: Tensor, hessian_u: Tensor, lr: float) -> Tensor:
     """uᵀ ∂(θ − α∇ℓ(θ))/∂θ = u − αHu, given the Hessian-vector product ``hessian_u`` = Hu (exact or approximate)."""
-    return u - lr * hessian_u
+    return torch.add(u, hessian_u, alpha=-lr)
 
 
 def proximal_matvec(u: Tensor, hessian_u: Tensor, lr: float) -> Tensor:
     """(I + αH) u, the matrix of the implicit (proximal) hypergradient system, given Hu."""
-    return u + lr * hessian_u
+    return torch.add(u, hessian_u, alpha=lr)
 
 
 class InnerSGD:

@@ -35,11 +35,15 @@ def sigma_measure(model: nn.Module, views: torch.Tensor, head_temperature: float
     evaluated: in eval mode (BatchNorm normalises with its running statistics, dropout is off), one forward of
     each task's 2N inputs, and left exactly as it was (training flags restored, no buffer changes). π is
     ``head`` (a callable ``head(z1, z2) -> log_probs [2N, N]``) or :class:`PairHead` with τ = ``head_temperature``.
-    Raises ValueError for views of another shape.
+    Raises ValueError for views of another shape, TypeError for views of another dtype or device than the model.
     """
     if not isinstance(views, torch.Tensor) or views.dim() < 4 or views.shape[1] != 2 or views.shape[2] < 2:
         shape = tuple(views.shape) if isinstance(views, torch.Tensor) else type(views).__name__
         raise ValueError(f"views must have shape [M, 2, N>=2, *input_shape], got {shape}")
+    param = next(model.parameters(), None)
+    if param is not None and (views.dtype != param.dtype or views.device != param.device):
+        raise TypeError(f"views are {views.dtype} on {views.device} but the model's parameters are {param.dtype} on "
+                        f"{param.device}: convert the views, e.g. views.to(next(model.parameters()))")
     head = head if head is not None else PairHead(head_temperature)
     num_tasks, _, n = views.shape[:3]
     truth = torch.arange(n, device=views.device).repeat(2)

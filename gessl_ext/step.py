@@ -227,8 +227,9 @@ class GeSSLStep(nn.Module):
         if out.skipped:
             hypergrad = torch.zeros_like(hypergrad)
         pairs = self._reached_grads(hypergrad)
-        inner = sum((p * g.to(p.dtype)).sum() for p, g in pairs)
-        return out.loss.to(pairs[0][0].dtype) + inner - inner.detach()
+        with torch.enable_grad():   # differentiable also when called under no_grad, like the step itself
+            inner = sum((p * g.to(p.dtype)).sum() for p, g in pairs)
+            return out.loss.to(pairs[0][0].dtype) + inner - inner.detach()
 
     def parameters(self, recurse: bool = True):
         """The trainable parameters the step computes dL/dθ for (the model's and the objective's with

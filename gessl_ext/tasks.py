@@ -264,8 +264,17 @@ class TaskProblem(InnerSGD):
     # -- differentiation primitives (overridden by EagerTaskProblem) --
 
     def grad_and_value(self, fn: Callable, theta: Tensor, *args) -> tuple[Tensor, Tensor]:
-        """(∇_θ fn(θ, *args) [P], fn(θ, *args)) for a scalar fn."""
-        return grad_and_value(fn)(theta, *args)
+        """(∇_θ fn(θ, *args) [P], fn(θ, *args)) for a scalar fn.
+
+        By the pullback of ``torch.func.vjp``: ``torch.func.grad_and_value`` records its backward for a further
+        derivative and so keeps every activation's gradient alive until it returns, one more activation set at the
+        end of each pass (bench/memory_meter.py; same values). A pass given running-statistics copies (``args``),
+        which it writes in place, keeps ``grad_and_value``: vjp refuses in-place writes to captured tensors.
+        """
+        if any(arg is not None for arg in args):
+            return grad_and_value(fn)(theta, *args)
+        value, pullback = vjp(fn, theta)
+        return pullback(torch.ones_like(value))[0], value
 
     def vjp(self, fn: Callable, theta: Tensor, cotangent: Tensor) -> Tensor:
         """cotangentᵀ ∂fn/∂θ [P] for fn: [P] → [P]."""

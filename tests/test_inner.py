@@ -52,7 +52,7 @@ def test_update_is_one_sgd_step_on_the_ssl_loss():
     expected = theta - ALPHA * grad
     for problem in (batched, eager):
         assert torch.allclose(problem.update(theta), expected, rtol=0, atol=1e-13)
-    assert torch.equal(sgd_update(theta, grad, ALPHA), theta - ALPHA * grad)
+    assert torch.allclose(sgd_update(theta, grad, ALPHA), theta - ALPHA * grad, rtol=0, atol=1e-15)
 
 
 def test_update_vjp_and_proximal_matvec_are_the_jacobian_products_of_the_update():
@@ -72,8 +72,8 @@ def test_update_vjp_and_proximal_matvec_are_the_jacobian_products_of_the_update(
     for problem in (batched, eager):
         assert torch.allclose(problem.update_vjp(theta, u), vjp, rtol=0, atol=1e-11)
         assert torch.allclose(problem.proximal_matvec(theta, u), u + ALPHA * hu, rtol=0, atol=1e-11)
-    assert torch.equal(sgd_update_vjp(u, hu, ALPHA), u - ALPHA * hu)
-    assert torch.equal(proximal_matvec(u, hu, ALPHA), u + ALPHA * hu)
+    assert torch.allclose(sgd_update_vjp(u, hu, ALPHA), u - ALPHA * hu, rtol=0, atol=1e-14)
+    assert torch.allclose(proximal_matvec(u, hu, ALPHA), u + ALPHA * hu, rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("steps", [1, 3])

@@ -64,3 +64,8 @@ def _pair_logits(a, b, tau=0.1):
 def test_bad_views_are_a_value_error_naming_the_shape(views):
     with pytest.raises(ValueError, match=r"views must have shape \[M, 2, N>=2"):
         sigma_measure(nn.Flatten(), views)
+
+
+def test_views_of_another_dtype_than_the_model_are_a_type_error_naming_the_fix():
+    with pytest.raises(TypeError, match=r"views are torch.float64 .* convert the views"):
+        sigma_measure(nn.Linear(6, 4), torch.zeros(1, 2, 3, 6, dtype=torch.float64))

@@ -26,8 +26,9 @@ Tensor = torch.Tensor
 HYPERGRADIENTS: dict[str, type["Hypergradient"]] = {}
 
 
-def setting(default, help: str, *, minimum: float, inclusive: bool = True):
-    """A method setting: a dataclass field with its help text and lower bound (checked in ``__post_init__``)."""
+def setting(default, help: str, *, minimum: float | None = None, inclusive: bool = True):
+    """A method setting: a dataclass field with its help text (for ``--help`` and the docs) and, for a number, its
+    lower bound (``inclusive``: may equal it), checked when the method is constructed."""
     return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum, "inclusive": inclusive})
 
 
@@ -55,14 +56,16 @@ class Hypergradient:
             if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
                                          or (kind is int and not isinstance(value, int))):
                 raise TypeError(f"{label} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-            if kind in (int, float):
-                minimum, inclusive = field.metadata["minimum"], field.metadata["inclusive"]
+            minimum, inclusive = field.metadata.get("minimum"), field.metadata.get("inclusive", True)
+            if kind in (int, float) and minimum is not None:
                 if not math.isfinite(value) or value < minimum or (not inclusive and value == minimum):
                     bound = f"{'>=' if inclusive else '>'} {minimum:g}"
                     raise ValueError(f"{label} must be a finite number {bound}, got {value!r} "
                                      f"(default {field.default!r}: {field.metadata['help']})")
 
     def __call__(self, problem, trajectory: list[Tensor], outer_grad: Tensor) -> Tensor:
+        """dL_l/dθ [P] for one task from its problem, inner iterates [θ⁰, …, θᴷ] and v = ∂L_l/∂θᴷ [P] (the
+        protocol in :mod:`gessl_ext.hypergrad.base`); same dtype and device as ``outer_grad``."""
         raise NotImplementedError(f"{type(self).__name__} must implement __call__(problem, trajectory, outer_grad)")
 
     @classmethod
@@ -78,12 +81,21 @@ def register_hypergradient(name: str, method: type[Hypergradient] | None = None)
     with their settings as ``--<name>-<setting>`` flags (``_`` written as ``-``).
     """
     def add(cls):
-        if not (isinstance(cls, type) and issubclass(cls, Hypergradient) and dataclasses.is_dataclass(cls)):
+        # the class itself must be a dataclass: a subclass without @dataclass inherits the marker, not its fields
+        if not (isinstance(cls, type) and issubclass(cls, Hypergradient) and "__dataclass_fields__" in vars(cls)):
             raise TypeError(f"hypergradient method {name!r} must be a dataclass subclass of "
                             f"gessl_ext.hypergrad.Hypergradient, got {cls!r}; write your strategy as "
                             "@register_hypergradient(name) @dataclass(frozen=True) class M(Hypergradient): ...")
         if not (isinstance(name, str) and name.isidentifier()):
             raise ValueError(f"hypergradient name must be a Python identifier, got {name!r}")
+        undeclared = [f.name for f in dataclasses.fields(cls) if "help" not in f.metadata]
+        if undeclared:
+            raise TypeError(f"{cls.__name__}: declare each setting with gessl_ext.hypergrad.setting(default, help, "
+                            f"minimum=...), so it is validated and reachable from gessl-train; not so: {undeclared}")
+        previous = HYPERGRADIENTS.get(name)
+        if previous is not None and (previous.__module__, previous.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"a hypergradient method is already registered as {name!r} ({previous.__qualname__}); "
+                             "choose another name")
         cls.name = name
         HYPERGRADIENTS[name] = cls
         return cls

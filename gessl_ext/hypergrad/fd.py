@@ -17,7 +17,14 @@ from .reverse import reverse_through_sgd
 @register_hypergradient("fd")
 @dataclass(frozen=True)
 class FD(Hypergradient):
-    """dL/dθ through the K inner steps with finite-difference HVPs (2 gradient passes per step)."""
+    """dL/dθ through the K inner steps with finite-difference HVPs (2 gradient passes per step; Appendix G.4).
+
+    Args:
+        radius: r > 0; each step's HVP is the central difference at θ ± εu with ε = r / ‖u‖, so r is the length
+            of the perturbation in parameter space. The error is O(r²) on smooth networks; on ReLU / max-pool
+            networks it does not vanish as r → 0, and under bf16 / fp16 autocast a smaller r amplifies rounding
+            (docs/hypergradients.md).
+    """
 
     radius: float = setting(0.01, "finite-difference radius r (ε = r / ‖u‖)", minimum=0.0, inclusive=False)
 
@@ -28,7 +35,9 @@ class FD(Hypergradient):
         else:
             perturb, update = ops.fd_perturb_reference, ops.fd_update_reference
         theta_plus, theta_minus, eps = perturb(theta, u, self.radius)
-        return update(u, problem.grad(theta_plus), problem.grad(theta_minus), eps, problem.inner_lr)
+        g_plus = problem.grad(theta_plus)
+        del theta_plus   # freed before the second gradient pass, the peak of the step
+        return update(u, g_plus, problem.grad(theta_minus), eps, problem.inner_lr)
 
     def __call__(self, problem, trajectory, outer_grad):
         return reverse_through_sgd(trajectory, outer_grad, lambda theta, u: self.step_back(problem, theta, u))

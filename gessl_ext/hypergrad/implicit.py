@@ -17,7 +17,11 @@ ITERS_HELP = "iterations (exact Hessian-vector products per task)"
 @dataclass(frozen=True)
 class Neumann(Hypergradient):
     """Truncated Neumann series of the proximal matrix A = I + αH: A⁻¹v ≈ Σ_{j=0}^{J} (I − A)ʲ v = Σ (−αH)ʲ v,
-    J = ``iters`` (converges when α‖H‖ < 1)."""
+    J = ``iters`` (converges when α‖H‖ < 1).
+
+    Args:
+        iters: J ≥ 1, the number of terms after the first (one exact HVP each).
+    """
 
     iters: int = setting(5, ITERS_HELP, minimum=1)
 
@@ -38,7 +42,11 @@ def _safe_ratio(num, den):
 @register_hypergradient("cg")
 @dataclass(frozen=True)
 class CG(Hypergradient):
-    """Conjugate gradient on (I + αH) u = v, ``iters`` iterations from u = 0 (needs I + αH positive definite)."""
+    """Conjugate gradient on (I + αH) u = v, ``iters`` iterations from u = 0 (needs I + αH positive definite).
+
+    Args:
+        iters: ≥ 1 iterations (one exact HVP each); exact after P of them in exact arithmetic.
+    """
 
     iters: int = setting(5, ITERS_HELP, minimum=1)
 

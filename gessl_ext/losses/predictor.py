@@ -28,6 +28,16 @@ class BatchStandardisation(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+class PredictionMLP(nn.Sequential):
+    """The predictor's layers; a ValueError names an embedding size other than the one it was built for."""
+
+    def forward(self, z):
+        if z.shape[-1] != self[0].in_features:
+            raise ValueError(f"the model's embeddings have {z.shape[-1]} dimensions but the predictor was built for "
+                             f"embed_dim={self[0].in_features}: construct the objective with embed_dim={z.shape[-1]}")
+        return super().forward(z)
+
+
 def prediction_mlp(embed_dim: int, hidden_dim: int) -> nn.Sequential:
     """Linear(d, h, no bias) -> BatchStandardisation(h) -> ReLU -> Linear(h, d); maps [B, d] -> [B, d].
 
@@ -36,7 +46,7 @@ def prediction_mlp(embed_dim: int, hidden_dim: int) -> nn.Sequential:
     """
     check_positive_int("embed_dim", embed_dim)
     check_positive_int("hidden_dim", hidden_dim)
-    return nn.Sequential(
+    return PredictionMLP(
         nn.Linear(embed_dim, hidden_dim, bias=False),
         BatchStandardisation(hidden_dim),
         nn.ReLU(),

@@ -64,10 +64,16 @@ def resolve_checked(given: dict) -> dict:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage block)."""
+    """argparse that reports a bad flag in one line (no usage block) and takes flags only in full (an abbreviation
+    such as --seed would silently mean gessl-compare's --seeds, and flags generated from the hypergradient
+    registry would make abbreviations change meaning as methods are added)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message):
-        raise ConfigError(message)
+        unknown_seed = message.startswith("unrecognized arguments") and "--seed " in message + " "
+        raise ConfigError(message + (" (gessl-compare takes --seeds)" if unknown_seed else ""))
 
 
 def _fail(prog: str, message: str) -> int:
@@ -131,11 +137,16 @@ COMPARE_OUT = "runs/compare-{method}"
 DECIMALS = {"sigma_unseen": 3, "ratio_r": 3, "epoch": 1, "train_seconds": 0, "steps_per_second": 3}
 
 
+COMPARE_SETS = ("seed", "gessl", "resume", "time_budget")
+"""Settings gessl-compare sets for each run itself (--seeds, the variants, reuse of finished runs, equal time)."""
+
+
 def compare_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gessl-compare", description="Run one SSL method with and without GeSSL (or with several "
                      "hypergradient methods) for several seeds; tables at equal epochs and equal training time.")
     add_arguments(parser, {"out": "output folder: compare.md, compare.json, compare.png, and each run in "
-                                  f"<out>/<variant>/seed<seed> (default: {COMPARE_OUT.format(method='<method>')})"})
+                                  f"<out>/<variant>/seed<seed> (default: {COMPARE_OUT.format(method='<method>')})"},
+                  exclude=COMPARE_SETS)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     parser.add_argument("--hypergrad-methods", default=None,
                         help="compare these GeSSL hypergradient methods, e.g. fd,hvp,itd,first_order "
@@ -188,10 +199,6 @@ def compare_main(argv: list[str] | None = None) -> int:
         args = compare_parser().parse_args(argv)
         given = {k: v for k, v in vars(args).items()
                  if k not in ("seeds", "hypergrad_methods", "baseline", "equal_time")}
-        for key in ("seed", "gessl", "resume", "time_budget"):
-            if key in given:
-                raise ConfigError(f"--{key.replace('_', '-')} is set by gessl-compare itself"
-                                  + (" (use --seeds)" if key == "seed" else ""))
         base = resolve_checked(given)
         root = Path(given.get("out") or COMPARE_OUT.format(method=base["method"]))
         seeds = _parse_seeds(args.seeds)

@@ -253,21 +253,24 @@ def load_yaml(path: str) -> dict:
 QUICK_RUNTIME = "about 1.5 min wall-clock and 2.5 min of CPU time on an idle 2-core CPU"
 
 
-def add_arguments(parser: argparse.ArgumentParser, help_overrides: dict[str, str] | None = None) -> None:
+def add_arguments(parser: argparse.ArgumentParser, help_overrides: dict[str, str] | None = None,
+                  exclude: tuple[str, ...] = ()) -> None:
     """One flag per :data:`OPTIONS` entry (default SUPPRESS, so only given flags reach the namespace).
 
-    help_overrides: {key: help text} replacing an option's own (e.g. gessl-compare's ``--out``).
+    help_overrides: {key: help text} replacing an option's own (e.g. gessl-compare's ``--out``); exclude: keys
+    (and "resume") that the caller sets itself, so they get no flag.
     """
     parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
                         help="settings from a YAML file (command-line flags win)")
     parser.add_argument("--quick", action="store_true", default=argparse.SUPPRESS,
                         help=f"small preset, {QUICK_RUNTIME} (" +
                              ", ".join(f"{k}={v}" for k, v in QUICK.items()) + ")")
-    parser.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
-                        help="continue the run in --out from its last checkpoint, with the settings in its "
-                             f"config.yaml; only {RESUMABLE_FLAGS} may be given differently (a finished run is "
-                             "left untouched)")
-    for opt in OPTIONS:
+    if "resume" not in exclude:
+        parser.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
+                            help="continue the run in --out from its last checkpoint, with the settings in its "
+                                 f"config.yaml; only {RESUMABLE_FLAGS} may be given differently (a finished run "
+                                 "is left untouched)")
+    for opt in (o for o in OPTIONS if o.key not in exclude):
         default = opt.default if not isinstance(opt.default, list) else ",".join(map(str, opt.default))
         text = (help_overrides or {}).get(opt.key, opt.help)
         text = text if "default" in text else f"{text} (default: {default})"

@@ -124,7 +124,7 @@ def test_meter_under_vmap_counts_the_batched_tensors():
 def test_meter_gives_the_same_peak_on_cpu_and_cuda():
     """The same program (conv, ReLU, pool, linear; forward + backward) on both devices: equal peaks, and CUDA's
     allocator peak (which adds cuDNN workspaces and 512-byte rounding) is not below the meter's. (BatchNorm is
-    left out: cuDNN's training kernel returns a reserve-space tensor whose size the CPU kernel does not share.)"""
+    left out: cuDNN's training kernel may return a reserve-space tensor that the CPU kernel does not.)"""
     peaks = {}
     for device in ("cpu", "cuda"):
         torch.manual_seed(5)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gessl_ext import HYPERGRADIENTS, GeSSLStep, losses, register_hypergradient
-from gessl_ext.hypergrad import CG, FD, FirstOrder, Hypergradient, Neumann, resolve, settings_table
+from gessl_ext.hypergrad import CG, FD, FirstOrder, Hypergradient, Neumann, resolve, setting, settings_table
 from hypergrad_test_utils import smooth_mlp, step_hypergradient
 
 SIMCLR = losses.SimCLR(temperature=0.5)
@@ -69,7 +69,7 @@ def test_a_registered_method_with_its_own_setting_is_used_by_the_step():
     @register_hypergradient("scaled_first_order")
     @dataclasses.dataclass(frozen=True)
     class ScaledFirstOrder(Hypergradient):
-        scale: float = dataclasses.field(default=2.0, metadata={"help": "factor", "minimum": 0.0, "inclusive": True})
+        scale: float = setting(2.0, "factor", minimum=0.0)
 
         def __call__(self, problem, trajectory, outer_grad):
             return self.scale * outer_grad
@@ -107,3 +107,24 @@ def test_the_docs_list_every_registered_method_with_its_settings():
 
     docs = (Path(__file__).resolve().parents[2] / "docs" / "hypergradients.md").read_text()
     assert settings_table() in docs
+
+
+def test_register_names_what_a_custom_method_must_declare():
+    @dataclasses.dataclass(frozen=True)
+    class PlainField(Hypergradient):
+        scale: float = 0.5     # not declared with setting(...): no help text, no bound
+
+        def __call__(self, problem, trajectory, outer_grad):
+            return self.scale * outer_grad
+
+    class NotADataclass(FirstOrder):   # inherits the dataclass marker, not fields of its own
+        pass
+
+    with pytest.raises(TypeError, match=r"declare each setting with gessl_ext.hypergrad.setting.*\['scale'\]"):
+        register_hypergradient("plain_field", PlainField)
+    with pytest.raises(TypeError, match="must be a dataclass subclass"):
+        register_hypergradient("not_a_dataclass", NotADataclass)
+    with pytest.raises(ValueError, match="already registered as 'fd'"):
+        register_hypergradient("fd", Neumann)
+    assert HYPERGRADIENTS["fd"] is FD and "plain_field" not in HYPERGRADIENTS and "not_a_dataclass" not in HYPERGRADIENTS
+    assert float(PlainField()(None, None, torch.ones(1))) == 0.5   # unregistered, it still constructs

@@ -33,3 +33,9 @@ def test_prediction_mlp_layout_and_shape():
 def test_prediction_mlp_rejects_bad_sizes(embed_dim, hidden_dim, name):
     with pytest.raises(ValueError, match=name):
         prediction_mlp(embed_dim, hidden_dim)
+
+
+def test_an_embedding_size_other_than_the_predictors_is_a_value_error_naming_the_fix():
+    with pytest.raises(ValueError, match="4 dimensions but the predictor was built for embed_dim=16: construct the "
+                                         "objective with embed_dim=4"):
+        prediction_mlp(16, 8)(torch.zeros(3, 4))

@@ -328,3 +328,13 @@ def test_torchrun_two_ranks_match_one_process(tiny, gessl_run, tmp_path):
         torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5)
     assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "checkpoint.pt", "config.yaml", "log.jsonl",
                                                      "loss.png", "metrics.json"]
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--gessl", "--no-gessl", "--time-budget"])
+def test_compare_offers_no_flag_for_what_it_sets_itself(flag):
+    from gessl_ext.train.cli import compare_parser
+    from gessl_ext.train.config import ConfigError
+
+    assert flag not in compare_parser().format_help()
+    with pytest.raises(ConfigError, match=f"unrecognized arguments: {flag}"):
+        compare_parser().parse_args([flag] + (["5"] if flag == "--time-budget" else []))

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from gessl_ext.hypergrad import CG, FD, HYPERGRADIENTS, Hypergradient, register_hypergradient
+from gessl_ext.hypergrad import CG, FD, HYPERGRADIENTS, Hypergradient, register_hypergradient, setting
 from gessl_ext.train import config
 
 
@@ -29,7 +29,7 @@ def test_a_setting_the_method_rejects_is_a_config_error_naming_it():
 
 @dataclasses.dataclass(frozen=True)
 class Scaled(Hypergradient):
-    scale: float = dataclasses.field(default=2.0, metadata={"help": "factor", "minimum": 0.0, "inclusive": True})
+    scale: float = setting(2.0, "factor", minimum=0.0)
 
     def __call__(self, problem, trajectory, outer_grad):
         return self.scale * outer_grad

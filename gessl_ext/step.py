@@ -115,8 +115,9 @@ class GeSSLStep(nn.Module):
             custom head ``head(z1, z2) -> log_probs [2N, C]`` (then head_temperature is unused).
         task_batching: "loop" (one task at a time), "vmap" (tasks batched with torch.func.vmap, in chunks of
             ``task_chunk_size``, default all M), or "auto": loop on the CPU, vmap elsewhere (docs/performance.md).
-        autocast_dtype: e.g. torch.bfloat16 to run the forward passes under autocast; parameters, finite
-            differences, hypergradients and every accumulation stay in the parameters' dtype.
+        autocast_dtype: torch.bfloat16 or torch.float16 to run the model's forward passes in low precision; the
+            SSL loss, head, KL, parameters, finite differences, hypergradients and every accumulation stay in the
+            parameters' dtype (docs/hypergradients.md, "Mixed precision": measured errors, what to choose).
         use_kernels: use the fused custom ops where they apply (CUDA tensors); False forces plain PyTorch.
         warn_nonsmooth: warn (:class:`NonSmoothModelWarning`, once) when ``fd`` meets ReLU-like or max-pool layers.
         process_group: shard the tasks over this torch.distributed group (see gessl_ext.distributed); taken
@@ -277,7 +278,7 @@ class GeSSLStep(nn.Module):
         task_fn = functools.partial(self._task, consts=self.task_model.constants(), vmapped=batching == "vmap")
         stats = per_task_copies(self.task_model.running_stats(), views.shape[0])
         rank = 0 if self.process_group is None else torch.distributed.get_rank(self.process_group)
-        seed = int(torch.randint(2**62, ())) + (rank << 32)  # task l's random stream: seed + l (tasks.RandomStreams)
+        seed = int(torch.randint(2**62, ())) + (rank << 32)  # task l's random stream: seed + l (randomness.RandomStreams)
         total, (kl, ssl_loss, stats) = run_tasks(task_fn, theta, views, stats, batching, self.task_chunk_size,
                                                  self.task_model.streams, seed)
         if self.process_group is not None:

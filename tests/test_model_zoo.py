@@ -13,7 +13,7 @@ Each model is scaled down to run in about a second on the CPU (torchvision's own
 References: ``hvp`` and ``itd`` against the exact unrolled per-task autograd step (tests/reference.py),
 ``first_order`` against its ∂L/∂θᴷ, ``fd`` against the independent per-task finite-difference baseline
 (bench/baseline_loop.py) and, on the smooth models, against the exact value within its O(r²) truncation.
-Stochastic layers follow GeSSL's rule (tasks.RandomStreams): the references re-seed every forward of task l with
+Stochastic layers follow GeSSL's rule (randomness.RandomStreams): the references re-seed every forward of task l with
 seed + l. The vmap path of a stochastic model runs one task per chunk, where its draws are the loop's and so the
 references' (for a chunk of several tasks vmap draws other masks; tests/models/test_model_kinds.py checks that
 case against a fixed-mask reference).

@@ -23,7 +23,7 @@ def grads(model):
 
 
 def stream_seed(caller_seed):
-    """The base seed a step draws after torch.manual_seed(caller_seed) (tasks.RandomStreams)."""
+    """The base seed a step draws after torch.manual_seed(caller_seed) (randomness.RandomStreams)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(caller_seed)
         return int(torch.randint(2**62, ()))

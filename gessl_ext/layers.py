@@ -129,14 +129,10 @@ def recurrent_forward(rnn: nn.Module, input, hx=None):
 
 @contextlib.contextmanager
 def substituted(modules, forward: Callable):
-    """Temporarily run each of ``modules`` as ``forward(module, *args)``."""
-    for m in modules:
-        m.forward = functools.partial(forward, m)
-    try:
+    """Temporarily run each of ``modules`` as ``forward(module, *args)`` (:func:`wrapped_forwards`, ignoring the
+    forward it had)."""
+    with wrapped_forwards(modules, lambda m, _: functools.partial(forward, m)):
         yield
-    finally:
-        for m in modules:
-            del m.forward
 
 
 def _rrelu(rrelu: nn.RReLU, x: Tensor) -> Tensor:

@@ -88,10 +88,12 @@ def register_hypergradient(name: str, method: type[Hypergradient] | None = None)
                             "@register_hypergradient(name) @dataclass(frozen=True) class M(Hypergradient): ...")
         if not (isinstance(name, str) and name.isidentifier()):
             raise ValueError(f"hypergradient name must be a Python identifier, got {name!r}")
-        undeclared = [f.name for f in dataclasses.fields(cls) if "help" not in f.metadata]
+        undeclared = [f.name for f in dataclasses.fields(cls)
+                      if "help" not in f.metadata or type(f.default) not in (bool, int, float, str)]
         if undeclared:
             raise TypeError(f"{cls.__name__}: declare each setting with gessl_ext.hypergrad.setting(default, help, "
-                            f"minimum=...), so it is validated and reachable from gessl-train; not so: {undeclared}")
+                            "minimum=...) and a bool, int, float or str default, so it is validated and reachable "
+                            f"from gessl-train; not so: {undeclared}")
         previous = HYPERGRADIENTS.get(name)
         if previous is not None and (previous.__module__, previous.__qualname__) != (cls.__module__, cls.__qualname__):
             raise ValueError(f"a hypergradient method is already registered as {name!r} ({previous.__qualname__}); "

@@ -120,11 +120,17 @@ def test_register_names_what_a_custom_method_must_declare():
     class NotADataclass(FirstOrder):   # inherits the dataclass marker, not fields of its own
         pass
 
+    @dataclasses.dataclass(frozen=True)
+    class ListSetting(FirstOrder):
+        scales: tuple = setting((1.0,), "per-layer factors")   # no gessl-train flag can carry it
+
     with pytest.raises(TypeError, match=r"declare each setting with gessl_ext.hypergrad.setting.*\['scale'\]"):
         register_hypergradient("plain_field", PlainField)
+    with pytest.raises(TypeError, match=r"bool, int, float or str default.*\['scales'\]"):
+        register_hypergradient("list_setting", ListSetting)
     with pytest.raises(TypeError, match="must be a dataclass subclass"):
         register_hypergradient("not_a_dataclass", NotADataclass)
     with pytest.raises(ValueError, match="already registered as 'fd'"):
         register_hypergradient("fd", Neumann)
-    assert HYPERGRADIENTS["fd"] is FD and "plain_field" not in HYPERGRADIENTS and "not_a_dataclass" not in HYPERGRADIENTS
+    assert HYPERGRADIENTS["fd"] is FD and not {"plain_field", "not_a_dataclass", "list_setting"} & set(HYPERGRADIENTS)
     assert float(PlainField()(None, None, torch.ones(1))) == 0.5   # unregistered, it still constructs

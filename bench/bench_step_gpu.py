@@ -45,8 +45,11 @@ def resnet50(task_size):
     return Workload("resnet50", 3, 64, num_tasks=8, task_size=task_size)
 
 
-def _is_target(workload, method, implementation):
-    """Issue 5's targets: ResNet-18, N = 32, fd (speed, memory, bf16), with itd's memory for contrast."""
+def _is_target(workload, method, implementation, precision="tf32"):
+    """Issue 5's targets: ResNet-18, N = 32, fd (speed, memory, bf16), with itd's memory for contrast; and the
+    default step at N = 128 in tf32 (where vmap lost to a per-task loop; see test_step_batching)."""
+    if workload == resnet18(128):
+        return method == "fd" and precision == "tf32" and implementation == "gessl"
     return workload == resnet18(32) and (method == "fd" or (method == "itd" and implementation == "gessl"))
 
 
@@ -57,7 +60,7 @@ def _step_params():
             for method in METHODS:
                 for precision in PRECISIONS:
                     for implementation in ("gessl", "baseline"):
-                        marks = [pytest.mark.target] if _is_target(workload, method, implementation) else []
+                        marks = [pytest.mark.target] if _is_target(workload, method, implementation, precision) else []
                         yield pytest.param(workload, method, precision, implementation, marks=marks,
                                            id=f"{workload.name}-{method}-{precision}-{implementation}")
 
@@ -158,7 +161,7 @@ def _time_and_peak(benchmark, group, workload, model, run):
 
 @pytest.mark.parametrize("workload,method,precision,implementation", list(_step_params()))
 def test_step(benchmark, quick, workload, method, precision, implementation):
-    target = _is_target(workload, method, implementation)
+    target = _is_target(workload, method, implementation, precision)
     workload = workload.quick() if quick else workload
     _measure(benchmark, workload,
              lambda: build(workload, implementation, method, DEVICE, autocast_dtype=PRECISIONS[precision]),
@@ -177,6 +180,26 @@ def test_plain_union(benchmark, quick, workload, precision):
              lambda: build(workload, "plain_union", "fd", DEVICE, autocast_dtype=PRECISIONS[precision],
                            channels_last=True),
              implementation="plain_union", method="plain", precision=precision, variant="plain_union")
+
+
+BATCHINGS = {"loop": dict(task_batching="loop"), "vmap-chunk4": dict(task_batching="vmap", task_chunk_size=4)}
+
+
+def _batching_params():
+    for task_size in SIZES:
+        for batching in BATCHINGS:
+            marks = [pytest.mark.target] if task_size == 128 or (task_size == 32 and batching == "loop") else []
+            yield pytest.param(resnet18(task_size), batching, marks=marks, id=f"{resnet18(task_size).name}-{batching}")
+
+
+@pytest.mark.parametrize("workload,batching", list(_batching_params()))
+def test_step_batching(benchmark, quick, workload, batching):
+    """The default step (fd, tf32) with other task batchings, against test_step's vmap of all M tasks: the
+    measurements a size-aware ``task_batching="auto"`` needs (issue 16; vmap was slower than a per-task loop at
+    N = 128 on the H200 of 2026-11-30)."""
+    workload = workload.quick() if quick else workload
+    _measure(benchmark, workload, lambda: build(workload, "gessl", "fd", DEVICE, **BATCHINGS[batching]),
+             implementation="gessl", method="fd", precision="tf32", variant=batching)
 
 
 @pytest.mark.compile

@@ -8,14 +8,10 @@
 
 namespace gessl_ext {
 
-// theta, u: [rows, cols]. Returns (theta + eps*u, theta - eps*u, eps [rows]) with
-// eps = radius / max(||u_row||, tiny(dtype)); eps is float32 (float64 for double inputs).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_perturb_cuda(
-    const at::Tensor& theta, const at::Tensor& u, double radius, bool poison);
-
-// u, g_plus, g_minus: [rows, cols]; eps: [rows] in u's accumulation dtype.
-// Returns u - alpha * (g_plus - g_minus) / (2 * eps_row).
-at::Tensor fd_update_cuda(const at::Tensor& u, const at::Tensor& g_plus, const at::Tensor& g_minus,
-                          const at::Tensor& eps, double alpha, bool poison);
+// theta, u: [rows, cols]; radius: finite and nonzero, its sign the direction. Returns (theta + eps*u in
+// theta's dtype, eps [rows]) with eps = radius / max(||u_row||, tiny(dtype)); eps is float32 (float64 for
+// double inputs). poison: outputs start NaN-filled, so a test sees any element left unwritten.
+std::tuple<at::Tensor, at::Tensor> fd_perturb_cuda(const at::Tensor& theta, const at::Tensor& u, double radius,
+                                                   bool poison);
 
 }  // namespace gessl_ext

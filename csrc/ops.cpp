@@ -14,11 +14,9 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(gessl_ext_C, m) {
-  m.def("fd_perturb(Tensor theta, Tensor u, float radius, bool poison=False) -> (Tensor, Tensor, Tensor)");
-  m.def("fd_update(Tensor u, Tensor g_plus, Tensor g_minus, Tensor eps, float alpha, bool poison=False) -> Tensor");
+  m.def("fd_perturb(Tensor theta, Tensor u, float radius, bool poison=False) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(gessl_ext_C, CUDA, m) {
   m.impl("fd_perturb", &gessl_ext::fd_perturb_cuda);
-  m.impl("fd_update", &gessl_ext::fd_update_cuda);
 }

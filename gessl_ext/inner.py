@@ -25,6 +25,14 @@ def sgd_update_vjp(u: Tensor, hessian_u: Tensor, lr: float) -> Tensor:
     return torch.add(u, hessian_u, alpha=-lr)
 
 
+def sgd_update_vjp_(u: Tensor, hessian_part: Tensor, weight: Tensor, lr: float) -> Tensor:
+    """In place, u ← u − α·weight·hessian_part; returns u. Folding the parts of Hu = Σᵢ weightᵢ·partᵢ one at a time
+    gives u − αHu without any part outliving its own fold: the central difference (g₊ − g₋)/2ε has parts g₊, g₋
+    with weights ±1/2ε. ``weight`` broadcasts against u ([..., 1]: one per task). (``addcmul_`` would save the
+    product's temporary but has no vmap batching rule.)"""
+    return u.add_(hessian_part * weight, alpha=-lr)
+
+
 def proximal_matvec(u: Tensor, hessian_u: Tensor, lr: float) -> Tensor:
     """(I + αH) u, the matrix of the implicit (proximal) hypergradient system, given Hu."""
     return torch.add(u, hessian_u, alpha=lr)

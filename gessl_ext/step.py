@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -121,7 +122,8 @@ class GeSSLStep(nn.Module):
         use_kernels: use the fused custom ops where they apply (CUDA tensors); False forces plain PyTorch.
         warn_nonsmooth: warn (:class:`NonSmoothModelWarning`, once) when ``fd`` meets ReLU-like or max-pool layers.
         process_group: shard the tasks over this torch.distributed group (see gessl_ext.distributed); taken
-            from the model when it is wrapped in ``DistributedDataParallel``.
+            from the model when it is wrapped in ``DistributedDataParallel``. Held weakly: the step does not keep a
+            group alive after ``torch.distributed.destroy_process_group()`` (and cannot run after it).
 
     What is trained: the model's trainable parameters and those of the objective (e.g. a BYOL predictor, adapted
     in the inner loop too), so give the optimizer ``step.parameters()``. Frozen parameters and buffers are
@@ -190,7 +192,9 @@ class GeSSLStep(nn.Module):
         self.target_steps = target_steps
         self.task_batching = task_batching
         self.task_chunk_size = task_chunk_size
-        self.process_group = process_group
+        # A weak reference: the step uses the group while it exists and does not keep it alive past
+        # destroy_process_group(); a process holding a destroyed gloo group until exit may abort there.
+        self._process_group = None if process_group is None else weakref.ref(process_group)
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self._reached = (None, [])  # (input key, which parameters the step reaches): set by _check_model
         if warn_nonsmooth and isinstance(hypergrad, FD):
@@ -238,6 +242,18 @@ class GeSSLStep(nn.Module):
         return iter(self.task_model.parameters())
 
     @property
+    def process_group(self):
+        """The torch.distributed group the tasks are sharded over, or None. ``RuntimeError`` once the group has
+        been destroyed (``torch.distributed.destroy_process_group()``), since the step holds it weakly."""
+        if self._process_group is None:
+            return None
+        group = self._process_group()
+        if group is None:
+            raise RuntimeError("GeSSLStep's process group has been destroyed (torch.distributed.destroy_process_group"
+                               "()); build the step again with a live group, or with process_group=None")
+        return group
+
+    @property
     def task_batching_used(self) -> str:
         """The strategy ``auto`` resolves to for the model's device."""
         if self.task_batching != "auto":
@@ -256,6 +272,9 @@ class GeSSLStep(nn.Module):
         adapted = problem.adapted(trajectory[-1])
         target = self_motivated_target(problem, adapted, self.target_steps)
         loss, outer_grad = outer_loss_and_grad(adapted, target, self.head)
+        del adapted
+        if not self.hypergrad.uses_adapted_weights:
+            trajectory[-1] = None   # θᴷ freed before the method's passes (Hypergradient.uses_adapted_weights)
         hypergrad = self.hypergrad(problem, trajectory, outer_grad)
         return hypergrad.detach(), (loss.detach(), ssl_loss.detach(), stats)
 
@@ -272,19 +291,20 @@ class GeSSLStep(nn.Module):
         return [(p, g) for p, g, reached in params if reached]
 
     def _hypergradient_checked(self, views: Tensor):
+        group = self.process_group
         self.ssl_loss.before_step(self.model)
         theta = self.task_model.flat_parameters()
         batching = self.task_batching_used
         task_fn = functools.partial(self._task, consts=self.task_model.constants(), vmapped=batching == "vmap")
         stats = per_task_copies(self.task_model.running_stats(), views.shape[0])
-        rank = 0 if self.process_group is None else torch.distributed.get_rank(self.process_group)
+        rank = 0 if group is None else torch.distributed.get_rank(group)
         seed = int(torch.randint(2**62, ())) + (rank << 32)  # task l's random stream: seed + l (randomness.RandomStreams)
         total, (kl, ssl_loss, stats) = run_tasks(task_fn, theta, views, stats, batching, self.task_chunk_size,
                                                  self.task_model.streams, seed)
-        if self.process_group is not None:
-            total, kl, ssl_loss, stats = reduce_across_ranks(total, kl, ssl_loss, stats, self.process_group)
+        if group is not None:
+            total, kl, ssl_loss, stats = reduce_across_ranks(total, kl, ssl_loss, stats, group)
             if self.ssl_loss.after_step_needs_all_views:
-                views = gather_views(views, self.process_group)
+                views = gather_views(views, group)
         hypergrad = total / kl.shape[0]
         loss = kl.mean()
         finite = bool(torch.isfinite(loss) & torch.isfinite(hypergrad).all())

@@ -27,12 +27,12 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.func import functional_call, grad_and_value, jvp, vjp, vmap
+from torch.func import functional_call, jvp, vjp, vmap
 
 from .inner import InnerSGD
 from .layers import (LOWERED_LAYERS, NORM_LAYERS, layer_in_low_precision, layer_substitutes, network_under_autocast,
-                     norm_in_dtype, plain_norms, recurrent_forward, running_stats_tracking, substituted, tracked_norms,
-                     wrapped_forwards)
+                     norm_in_dtype, plain_norms, recording_statistics, recurrent_forward, running_stats_tracking,
+                     substituted, tracked_norms, update_running_stats, wrapped_forwards)
 from .losses.momentum import MomentumObjective
 from .randomness import RandomStreams, fork_rng
 
@@ -159,8 +159,11 @@ class TaskModel:
         buffers = dict(self.joint.named_buffers())
         return {n: buffers[n] for n in self.stat_names}
 
-    def call(self, theta: Tensor, x1: Tensor, x2: Tensor, what: str, consts, stats=None, plain_batchnorm=False):
+    def call(self, theta: Tensor, x1: Tensor, x2: Tensor, what: str, consts, stats=None, plain_batchnorm=False,
+             record: list | None = None):
         """Run the joint module at θ [P] on one task; ``stats`` (running-statistics copies) are updated in place.
+        With a ``record`` list instead, the model's tracked norm layers append the statistics they would fold in
+        (:func:`recording_statistics`), for :meth:`update_running_stats` to apply outside a gradient transform.
 
         ``plain_batchnorm`` (vmap + reverse-over-reverse) computes BatchNorm / InstanceNorm from elementary ops
         (:func:`_plain_norm`). Recurrent layers run as :func:`recurrent_forward`; random draws replay the task's
@@ -169,8 +172,17 @@ class TaskModel:
         state = {**consts, **self.spec.unflatten(theta), **(stats or {})}
         with running_stats_tracking(self._tracked, False), running_stats_tracking(
             list(self.tracked_norms.values()) if stats else [], True
-        ), self._substitutes(plain_batchnorm), self.streams.replay(x1.device), self._mixed_precision(theta.dtype):
+        ), self._substitutes(plain_batchnorm), self.streams.replay(x1.device), self._mixed_precision(theta.dtype), (
+            recording_statistics(self.tracked_norms, record) if record is not None else contextlib.nullcontext()
+        ):
             return functional_call(self.joint, state, (x1, x2), {"what": what}, strict=False)
+
+    def update_running_stats(self, stats: dict[str, Tensor], records) -> None:
+        """Fold recorded (name, mean, variance) statistics (:meth:`call` with ``record``) into the running-statistics
+        copies ``stats`` in place, in call order, as the layers would have during the pass."""
+        for name, mean, var in records:
+            update_running_stats(self.tracked_norms[name], mean, var,
+                                 [stats[f"{name}.{b}"] for b in ("running_mean", "running_var", "num_batches_tracked")])
 
     @contextlib.contextmanager
     def _mixed_precision(self, dtype: torch.dtype):
@@ -263,16 +275,13 @@ class TaskProblem(InnerSGD):
 
     # -- differentiation primitives (overridden by EagerTaskProblem) --
 
-    def grad_and_value(self, fn: Callable, theta: Tensor, *args) -> tuple[Tensor, Tensor]:
-        """(∇_θ fn(θ, *args) [P], fn(θ, *args)) for a scalar fn.
+    def grad_and_value(self, fn: Callable, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """(∇_θ fn(θ) [P], fn(θ)) for a scalar fn.
 
         By the pullback of ``torch.func.vjp``: ``torch.func.grad_and_value`` records its backward for a further
         derivative and so keeps every activation's gradient alive until it returns, one more activation set at the
-        end of each pass (bench/memory_meter.py; same values). A pass given running-statistics copies (``args``),
-        which it writes in place, keeps ``grad_and_value``: vjp refuses in-place writes to captured tensors.
+        end of each pass (bench/memory_meter.py; same values).
         """
-        if any(arg is not None for arg in args):
-            return grad_and_value(fn)(theta, *args)
         value, pullback = vjp(fn, theta)
         return pullback(torch.ones_like(value))[0], value
 
@@ -309,8 +318,24 @@ class TaskProblem(InnerSGD):
         return self.grad_and_value(self.loss, theta)[0]
 
     def grad_and_loss(self, theta: Tensor, stats=None) -> tuple[Tensor, Tensor]:
-        """(∇ℓ(θ) [P], ℓ(θ)); BatchNorm ``stats`` copies, if given, take this pass's running-stat update."""
-        return self.grad_and_value(self.loss, theta, stats)
+        """(∇ℓ(θ) [P], ℓ(θ)); BatchNorm ``stats`` copies, if given, take this pass's running-stat update. The pass
+        records the statistics and the copies take them after the gradient transform, which refuses in-place
+        writes to captured tensors (:meth:`TaskModel.update_running_stats`)."""
+        if not stats:
+            return self.grad_and_value(self.loss, theta)
+        names = []
+
+        def loss_and_statistics(theta):
+            records = []
+            loss = self.task_model.call(theta, self.x1, self.x2, "loss", self.consts, None, self.plain_batchnorm,
+                                        records)
+            names[:] = [name for name, _, _ in records]
+            return loss, [(mean, var) for _, mean, var in records]
+
+        loss, pullback, statistics = vjp(loss_and_statistics, theta, has_aux=True)
+        grad = pullback(torch.ones_like(loss))[0]
+        self.task_model.update_running_stats(stats, [(n, *s) for n, s in zip(names, statistics)])
+        return grad, loss
 
     def adapted(self, theta: Tensor) -> "AdaptedPoint":
         """The adapted weights θᴷ, where the target's first step and the outer loss both evaluate the model."""
@@ -348,12 +373,17 @@ class EagerTaskProblem(TaskProblem):
         self.recorded_graph = differentiates_inner_loop
 
     def grad_and_value(self, fn, theta, *args):
+        """(∇_θ fn(θ, *args), fn(θ, *args)) by ``torch.autograd.grad``; ``args`` (running-statistics copies) are
+        written in place by the pass, which plain autograd allows."""
         differentiable = theta.requires_grad
         x = theta if differentiable else theta.detach().requires_grad_()
         with torch.enable_grad():
             value = fn(x, *args)
             (grad_x,) = torch.autograd.grad(value, x, create_graph=differentiable)
         return grad_x, value if differentiable else value.detach()
+
+    def grad_and_loss(self, theta, stats=None):
+        return self.grad_and_value(self.loss, theta, stats)
 
     def vjp(self, fn, theta, cotangent):
         x = theta.detach().requires_grad_()

@@ -355,6 +355,39 @@ def test_helpers_without_a_process_group(monkeypatch):
     assert not gdist.is_initialized()
 
 
+def test_step_does_not_keep_a_destroyed_group_alive(tmp_path):
+    """In a fresh interpreter, as a training script runs: import gessl_ext, create the group, step, destroy it.
+    Afterwards nothing holds the group (a gloo group kept alive to interpreter exit made ranks abort there,
+    "terminate called without an active exception"), and a step called after destroy_process_group() says so."""
+    import subprocess
+    import sys
+
+    script = f"""
+import gc, weakref, torch
+from torch import nn
+from gessl_ext import GeSSLStep, losses
+torch.distributed.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+group = torch.distributed.group.WORLD
+step = GeSSLStep(nn.Linear(5, 6).double(), losses.SimCLR(), process_group=group, target_steps=1)
+views = torch.randn(1, 2, 4, 5, dtype=torch.float64)
+step(views)
+alive = weakref.ref(group)
+del group
+torch.distributed.destroy_process_group()
+gc.collect()
+assert alive() is None, "the destroyed group is still referenced"
+try:
+    step(views)
+except RuntimeError as exc:
+    assert "process group has been destroyed" in str(exc), exc
+else:
+    raise AssertionError("a step after destroy_process_group() ran")
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_shard_tasks_rejects_uneven_splits(monkeypatch):
     monkeypatch.setattr(gdist, "world_size", lambda group=None: 3)
     monkeypatch.setattr(gdist, "rank", lambda group=None: 2)

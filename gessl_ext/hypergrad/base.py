@@ -7,11 +7,13 @@ A method is called once per task as ``method(problem, trajectory, outer_grad) ->
   its derivative products from :class:`gessl_ext.inner.InnerSGD` (``update``, ``update_vjp``,
   ``proximal_matvec``, ``unroll``, ``inner_loop_vjp``). Differentiate through ``grad`` only with these: one
   task at a time they run on plain autograd, under ``vmap`` on ``torch.func``.
-* ``trajectory`` — [θ⁰ = θ, θ¹, …, θᴷ], the inner iterates (each [P]; K = len(trajectory) − 1).
-* ``outer_grad`` — v = ∂L_l/∂θᴷ [P].
+* ``trajectory`` — [θ⁰ = θ, θ¹, …, θᴷ], the inner iterates (each [P]; K = len(trajectory) − 1). The last entry
+  is None for a method that declares ``uses_adapted_weights = False``: the step frees θᴷ before calling it.
+* ``outer_grad`` — v = ∂L_l/∂θᴷ [P], a fresh dense tensor the method owns: it may overwrite it in place.
 
 Methods run under ``torch.func.vmap``: fixed iteration counts, no ``.item()``, no branching on tensor values.
-What a method needs from the step is stated by its class attribute :attr:`Hypergradient.differentiates_inner_loop`.
+What a method needs from the step is stated by its class attributes :attr:`Hypergradient.differentiates_inner_loop`
+and :attr:`Hypergradient.uses_adapted_weights`.
 """
 from __future__ import annotations
 
@@ -48,6 +50,9 @@ class Hypergradient:
     #: (torch's fused BatchNorm double backward has no batching rule). Methods that only use ``grad`` and
     #: ``hvp`` (forward-over-reverse) leave it False.
     differentiates_inner_loop: ClassVar[bool] = False
+    #: False when the method never reads θᴷ = ``trajectory[-1]`` (``fd`` and ``hvp`` use θ⁰ … θᴷ⁻¹ only): the step
+    #: then frees it before the method's passes, one per-task parameter copy less at their memory peak.
+    uses_adapted_weights: ClassVar[bool] = True
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

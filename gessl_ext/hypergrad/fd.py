@@ -2,14 +2,17 @@
 
 H u ≈ (∇ℓ(θ + εu) − ∇ℓ(θ − εu)) / 2ε with ε = r / ‖u‖. Exact as r → 0 only when ∇ℓ is continuous;
 on ReLU / max-pool networks the quotient also counts gradient jumps (see docs/hypergradients.md).
-With ``problem.use_kernels`` the perturbation and the update u − αĤu are the fused ``gessl_ext.ops`` (one
-pass over parameter memory each on CUDA), whose references are the plain-PyTorch forms of the same update.
+Memory: θ + εu is freed before θ − εu exists, and each gradient is folded into u in place as soon as it is
+computed (:func:`gessl_ext.inner.sgd_update_vjp_`), so a gradient pass holds u, one perturbed point and its own
+gradient: three per-task parameter copies. With ``problem.use_kernels`` the perturbation is the fused
+``gessl_ext.ops.fd_perturb`` (norm and axpy in one op on CUDA).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .. import ops
+from ..inner import sgd_update_vjp_
 from .base import Hypergradient, register_hypergradient, setting
 from .reverse import reverse_through_sgd
 
@@ -27,17 +30,19 @@ class FD(Hypergradient):
     """
 
     radius: float = setting(0.01, "finite-difference radius r (ε = r / ‖u‖)", minimum=0.0, inclusive=False)
+    uses_adapted_weights = False
 
     def step_back(self, problem, theta, u):
-        """u − αĤu at θ, Ĥu the central difference of ∇ℓ at θ ± εu, ε = radius / ‖u‖ (0 when u = 0)."""
-        if problem.use_kernels:
-            perturb, update = ops.fd_perturb, ops.fd_update
-        else:
-            perturb, update = ops.fd_perturb_reference, ops.fd_update_reference
-        theta_plus, theta_minus, eps = perturb(theta, u, self.radius)
+        """u − αĤu at θ, Ĥu the central difference of ∇ℓ at θ ± εu, ε = radius / ‖u‖; computed in u's storage."""
+        perturb = ops.fd_perturb if problem.use_kernels else ops.fd_perturb_reference
+        theta_plus, eps = perturb(theta, u, self.radius)
         g_plus = problem.grad(theta_plus)
-        del theta_plus   # freed before the second gradient pass, the peak of the step
-        return update(u, g_plus, problem.grad(theta_minus), eps, problem.inner_lr)
+        del theta_plus
+        theta_minus, _ = perturb(theta, u, -self.radius)
+        weight = (0.5 / eps).unsqueeze(-1)   # Ĥu = weight · (g₊ − g₋), one weight per task
+        sgd_update_vjp_(u, g_plus, weight, problem.inner_lr)
+        del g_plus
+        return sgd_update_vjp_(u, problem.grad(theta_minus), -weight, problem.inner_lr)
 
     def __call__(self, problem, trajectory, outer_grad):
         return reverse_through_sgd(trajectory, outer_grad, lambda theta, u: self.step_back(problem, theta, u))

@@ -11,5 +11,7 @@ from .base import Hypergradient, register_hypergradient
 class FirstOrder(Hypergradient):
     """dL/dθ ≈ ∂L/∂θᴷ: no second-order term, no extra passes (biased; see docs/hypergradients.md)."""
 
+    uses_adapted_weights = False
+
     def __call__(self, problem, trajectory, outer_grad):
         return outer_grad

@@ -12,5 +12,7 @@ from .reverse import reverse_through_sgd
 class HVP(Hypergradient):
     """dL/dθ through the K inner steps with exact HVPs (forward-over-reverse at each step's base point); exact."""
 
+    uses_adapted_weights = False
+
     def __call__(self, problem, trajectory, outer_grad):
         return reverse_through_sgd(trajectory, outer_grad, problem.update_vjp)

@@ -1,4 +1,4 @@
-"""gessl_ext custom operators: the fused head KL (Triton) and the FD-HVP helpers (C++/CUDA).
+"""gessl_ext custom operators: the fused head KL (Triton) and the FD perturbation (C++/CUDA).
 
 Each op is a ``torch.library`` custom op with a PyTorch implementation for every device, a fast
 CUDA implementation where one is available, a fake (meta) implementation, autograd where the op is
@@ -7,15 +7,15 @@ differentiated, and a vmap rule. ``kernels_info()`` says which backend serves CU
 import torch
 
 from ._backends import EXTENSION, EXTENSION_ERROR, triton_kernel
-from .fd_hvp import fd_perturb, fd_perturb_reference, fd_update, fd_update_reference
+from .fd_hvp import fd_perturb, fd_perturb_reference
 from .softmax_kl import softmax_kl_from_embeddings, softmax_kl_from_embeddings_reference
 
 __all__ = [
-    "fd_perturb", "fd_perturb_reference", "fd_update", "fd_update_reference", "kernels_info", "kernels_summary",
-    "softmax_kl_from_embeddings", "softmax_kl_from_embeddings_reference",
+    "fd_perturb", "fd_perturb_reference", "kernels_info", "kernels_summary", "softmax_kl_from_embeddings",
+    "softmax_kl_from_embeddings_reference",
 ]
 
-_EXTENSION_OPS = ("fd_perturb", "fd_update")
+_EXTENSION_OPS = ("fd_perturb",)
 
 
 def _backend_choices():
@@ -40,7 +40,7 @@ def kernels_info():
 def kernels_summary():
     """Returns (does not print) one line naming each op's backend for CUDA tensors and why an op falls back.
 
-    E.g. ``"gessl_ext ops: softmax_kl=torch, fd_perturb=torch, fd_update=torch (fallback: no CUDA device)"``;
+    E.g. ``"gessl_ext ops: softmax_kl=torch, fd_perturb=torch (fallback: no CUDA device)"``;
     ``print(gessl_ext.kernels_summary())`` to show it. :func:`kernels_info` gives the backends as a dict.
     """
     backends = _backend_choices()

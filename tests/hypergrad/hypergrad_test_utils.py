@@ -69,7 +69,10 @@ def quadratic_results(method, inner_lr, inner_steps, expected_fn, dim: int = 6, 
 
     def one(matrix, offset, theta, outer_grad):
         problem = QuadraticProblem(matrix, offset, inner_lr)
-        return method(problem, sgd_trajectory(problem, theta, inner_steps), outer_grad)
+        trajectory = sgd_trajectory(problem, theta, inner_steps)
+        if not method.uses_adapted_weights:
+            trajectory[-1] = None            # as the step hands it over (Hypergradient.uses_adapted_weights)
+        return method(problem, trajectory, outer_grad.clone())   # the method owns outer_grad (may overwrite it)
 
     looped = torch.stack([one(*args) for args in zip(matrices, offsets, thetas, outer_grads)])
     batched = vmap(one)(matrices, offsets, thetas, outer_grads)

@@ -9,7 +9,7 @@ import torch
 from gessl_ext import ops
 from gessl_ext.ops import _backends
 
-OPS = ("softmax_kl", "fd_perturb", "fd_update")
+OPS = ("softmax_kl", "fd_perturb")
 
 
 def expected_backends():
@@ -17,8 +17,7 @@ def expected_backends():
         return dict.fromkeys(OPS, "torch")
     triton_module, _ = _backends.triton_kernel("softmax_kl")
     extension = "cuda" if _backends.EXTENSION is not None else "torch"
-    return {"softmax_kl": "triton" if triton_module is not None else "torch", "fd_perturb": extension,
-            "fd_update": extension}
+    return {"softmax_kl": "triton" if triton_module is not None else "torch", "fd_perturb": extension}
 
 
 def test_kernels_info_reports_the_backends_in_use():
@@ -45,11 +44,9 @@ def test_triton_kernel_module_loads_from_the_repository_or_the_install():
 def test_extension_schemas_match_the_op_layer():
     if _backends.EXTENSION is None:
         pytest.skip(_backends.EXTENSION_ERROR)
-    schemas = {name: str(getattr(torch.ops.gessl_ext_C, name).default._schema)
-               for name in ("fd_perturb", "fd_update")}
-    assert schemas["fd_perturb"].endswith(
-        "fd_perturb(Tensor theta, Tensor u, float radius, bool poison=False) -> (Tensor, Tensor, Tensor)")
-    assert "float alpha, bool poison=False) -> Tensor" in schemas["fd_update"]
+    assert str(torch.ops.gessl_ext_C.fd_perturb.default._schema).endswith(
+        "fd_perturb(Tensor theta, Tensor u, float radius, bool poison=False) -> (Tensor, Tensor)")
+    assert not hasattr(torch.ops.gessl_ext_C, "fd_update")
 
 
 @pytest.mark.cuda
@@ -57,5 +54,5 @@ def test_gpu_check_builds_use_the_fast_backends():
     """bench/gpu_check.sh sets GESSL_EXT_EXPECT_KERNELS=1 after building: there every op must be fast."""
     if os.environ.get("GESSL_EXT_EXPECT_KERNELS") != "1":
         pytest.skip("GESSL_EXT_EXPECT_KERNELS is not set")
-    assert ops.kernels_info() == {"softmax_kl": "triton", "fd_perturb": "cuda", "fd_update": "cuda"}, \
+    assert ops.kernels_info() == {"softmax_kl": "triton", "fd_perturb": "cuda"}, \
         ops.kernels_summary()

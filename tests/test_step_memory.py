@@ -1,0 +1,57 @@
+"""What one vmapped GeSSLStep holds at its memory peak, read with bench/memory_meter.py (issue 16): the counts of
+per-task parameter copies and activation sets that the step's design promises, on models where each dominates."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gessl_ext import GeSSLStep, losses
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from memory_meter import MemoryMeter  # noqa: E402
+
+SIMCLR = losses.SimCLR(temperature=0.5)
+
+
+def step_peak(model: nn.Module, views: torch.Tensor, hypergrad: str) -> int:
+    """Peak live tensor bytes of the second of two vmapped steps (the first one checks the model)."""
+    step = GeSSLStep(model, SIMCLR, inner_lr=0.05, target_steps=2, hypergrad=hypergrad, task_batching="vmap",
+                     warn_nonsmooth=False)
+    step(views)
+    with MemoryMeter() as meter:
+        step(views)
+    return meter.peak_bytes
+
+
+def test_fd_passes_need_no_more_than_the_inner_loop_and_target():
+    """A wide MLP on 4 inputs per view: the per-task parameter copies [M, P] are nearly all of the memory. The
+    finite-difference passes hold u, one perturbed point and the gradient being assembled (its layer pieces and
+    the flat vector): 4 copies, θᴷ freed, no more than the target's steps (θᴷ, the target iterate, a gradient), plus
+    the shared θ (1/M of a copy) and the activations (≈ 0.25). Before, θ + εu, θ − εu and θᴷ were alive together
+    as well: 6.5 copies."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 512), nn.Tanh(), nn.Linear(512, 16)).double()
+    views = torch.randn(4, 2, 4, 16, dtype=torch.float64)
+    copy = 4 * sum(p.numel() for p in model.parameters()) * 8       # M · P float64 values
+    first_order, fd = step_peak(model, views, "first_order"), step_peak(model, views, "fd")
+    assert fd <= 1.02 * first_order, (fd / copy, first_order / copy)
+    assert fd / copy < 4.75, fd / copy
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_running_statistics_cost_no_activation_set(momentum):
+    """A small convnet on 32×32 images: activations are nearly all of the memory. The task's first pass updates
+    the BatchNorm running-statistics copies; recorded and applied after the gradient transform it holds one
+    activation set like any other pass (in place inside torch.func.grad_and_value, it held one more)."""
+    def convnet(track: bool) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=momentum, track_running_stats=track), nn.Tanh(),
+            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=momentum, track_running_stats=track), nn.Tanh(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten()).double()
+
+    views = torch.randn(2, 2, 8, 3, 32, 32, dtype=torch.float64)
+    tracked, untracked = step_peak(convnet(True), views, "fd"), step_peak(convnet(False), views, "fd")
+    assert tracked <= 1.02 * untracked, tracked / untracked

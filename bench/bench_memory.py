@@ -51,6 +51,7 @@ WORKLOADS = {
     "resnet18-16px-M8-N16": Workload("resnet18", 3, 16, num_tasks=8, task_size=16),
     # the GPU measurement's configuration (../shared/gpu/h200-2026-11-30: fd peak 4.1x, M = 8, N = 16)
     "resnet18-32px-M8-N16": Workload("resnet18", 3, 32, num_tasks=8, task_size=16),
+    "resnet18-32px-M8-N32": Workload("resnet18", 3, 32, num_tasks=8, task_size=32),   # issue 16's target size
 }
 DEFAULT_WORKLOADS = ("convnet-M4-N8", "convnet-M8-N16", "resnet18-16px-M4-N8")
 METHODS = ("fd", "hvp", "itd", "first_order")

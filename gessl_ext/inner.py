@@ -3,8 +3,9 @@
 θ' = θ − α∇ℓ(θ), plain SGD (no momentum, no weight decay). Its Jacobian ∂θ'/∂θ = I − αH(θ), H = ∇²ℓ, is
 symmetric, so the vector–Jacobian product is uᵀ∂θ'/∂θ = u − αH(θ)u; the implicit (iMAML, proximal)
 hypergradient solves (I + αH(θᴷ))x = v. Every user of the update — the step's inner loop and target, each
-hypergradient strategy, the fused FD-HVP op's reference, the evaluation's one-step accuracy and the benchmark
-baseline — calls the functions here, so changing the inner step means changing this file.
+hypergradient strategy (``fd`` folds its two finite-difference gradients in with :func:`sgd_update_vjp_`), the
+evaluation's one-step accuracy and the benchmark baseline — calls the functions here, so changing the inner step
+means changing this file.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from .distributed import gather_views, reduce_across_ranks, task_local_batchnorm
 from .head import PairHead, outer_kl
-from .hypergrad import FD, Hypergradient, resolve
+from .hypergrad import FD, FREED, Hypergradient, resolve
 from .losses import as_objective
 from .tasks import (AdaptedPoint, EagerTaskProblem, TaskModel, TaskProblem, fold_running_stats, per_task_copies,
                     run_tasks)
@@ -130,8 +130,8 @@ class GeSSLStep(nn.Module):
     constants of the step.
 
     BatchNorm: every pass of the inner loop, target, head and hypergradient normalises with the task's own batch
-    statistics (its 2N inputs); running statistics are updated once per task, from its first forward at θ, in
-    task order, exactly as M ordinary training steps would leave them. A model in ``eval()`` mode uses and keeps
+    statistics (its 2N inputs); running statistics are updated by the task's first forward at θ (each call of a
+    layer in it), in task order, exactly as M ordinary training steps would leave them. A model in ``eval()`` mode uses and keeps
     its running statistics.
 
     Non-finite values: if L or dL/dθ is not finite, nothing is written (``.grad``, running statistics and
@@ -140,7 +140,7 @@ class GeSSLStep(nn.Module):
 
     Errors, raised before anything changes: ``TypeError`` for a model that is not an ``nn.Module``, views that are
     not a tensor or have another dtype than the parameters, a non-callable head, a hypergradient class instead of
-    an instance, a bad ``autocast_dtype``; ``ValueError`` for views of the wrong rank, a view axis other than 2,
+    an instance, a bad ``autocast_dtype``, a ``process_group`` that is not a ``ProcessGroup``; ``ValueError`` for views of the wrong rank, a view axis other than 2,
     M < 1 or N < 2, views on another device than the model, K < 1, λ < 0, non-positive rates or temperatures,
     an unknown method or ``task_batching``, a model (with objective) without trainable parameters, a
     ``torch.compile``d model (also at each call), views made under ``inference_mode``, and, at the first step
@@ -177,6 +177,9 @@ class GeSSLStep(nn.Module):
             _check_int("task_chunk_size", task_chunk_size, 1)
         if head is not None and not callable(head):
             raise TypeError(f"head must be callable head(z1, z2) -> log_probs, got {type(head).__name__}")
+        if process_group is not None and not isinstance(process_group, torch.distributed.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD) "
+                            f"or None, got {type(process_group).__name__}")
         if autocast_dtype is not None and not (isinstance(autocast_dtype, torch.dtype) and autocast_dtype.is_floating_point):
             raise TypeError(f"autocast_dtype must be a floating torch.dtype or None, got {autocast_dtype!r}")
 
@@ -243,8 +246,9 @@ class GeSSLStep(nn.Module):
 
     @property
     def process_group(self):
-        """The torch.distributed group the tasks are sharded over, or None. ``RuntimeError`` once the group has
-        been destroyed (``torch.distributed.destroy_process_group()``), since the step holds it weakly."""
+        """The torch.distributed group the tasks are sharded over, or None. Held weakly: ``RuntimeError`` once the
+        group object is gone (destroyed by ``torch.distributed.destroy_process_group()`` and held nowhere else;
+        while something else, e.g. a DDP wrapper, still holds a destroyed group, torch's own error comes instead)."""
         if self._process_group is None:
             return None
         group = self._process_group()
@@ -274,7 +278,7 @@ class GeSSLStep(nn.Module):
         loss, outer_grad = outer_loss_and_grad(adapted, target, self.head)
         del adapted
         if not self.hypergrad.uses_adapted_weights:
-            trajectory[-1] = None   # θᴷ freed before the method's passes (Hypergradient.uses_adapted_weights)
+            trajectory[-1] = FREED   # θᴷ freed before the method's passes (Hypergradient.uses_adapted_weights)
         hypergrad = self.hypergrad(problem, trajectory, outer_grad)
         return hypergrad.detach(), (loss.detach(), ssl_loss.detach(), stats)
 

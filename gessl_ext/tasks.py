@@ -9,8 +9,8 @@ and :class:`EagerTaskProblem` (plain ``torch.autograd``, cheaper one task at a t
 
 BatchNorm rule: every pass of the inner loop, the target, the head and the hypergradient normalises
 with the task's own batch statistics and leaves running statistics alone. Running statistics are
-updated once per task, from the task's first forward at the shared weights θ (both views together,
-2N inputs), in task order, exactly as M ordinary training steps on the M task batches would leave
+updated by the task's first forward at the shared weights θ (both views together, 2N inputs; every
+call of a layer in it), in task order, exactly as M ordinary training steps on the M task batches would leave
 them (:func:`fold_running_stats`); InstanceNorm layers with running statistics follow the same rule. A model
 in ``eval()`` mode uses and keeps its running statistics.
 
@@ -474,10 +474,12 @@ def per_task_copies(stats: dict[str, Tensor], num_tasks: int) -> dict[str, Tenso
 def fold_running_stats(task_model: TaskModel, per_task: dict[str, Tensor]) -> None:
     """Apply M per-task running-stat updates in task order, as M ordinary training steps would.
 
-    Each task's copy started from the current statistics r0 and took one update
-    r0 → (1-f₁) r0 + f₁ s_l with the layer's factor f₁; s_l (the task's batch statistic) is recovered
-    and the updates are replayed in sequence with the factors the layer would have used. BatchNorm counts
-    the M batches in ``num_batches_tracked``; InstanceNorm, like torch's, leaves its counter alone.
+    Each task's copy started from the current statistics r0 and took the k_l updates of the task's first pass
+    (k_l > 1 when a layer runs more than once, e.g. an objective that embeds x1 and x2 separately). With a
+    momentum m they scale r by (1 − m)^k_l and add copy_l − (1 − m)^k_l r0, replayed here task after task; with
+    momentum None (BatchNorm's cumulative average, which does not depend on order) task l added the batch
+    statistics summing to copy_l (n0 + k_l) − n0 r0, n0 the batches counted before. BatchNorm counts the batches
+    in ``num_batches_tracked``; InstanceNorm, like torch's, leaves its counter alone. No host-device sync.
     """
     if not per_task:
         return
@@ -485,22 +487,21 @@ def fold_running_stats(task_model: TaskModel, per_task: dict[str, Tensor]) -> No
     for name, norm in task_model.tracked_norms.items():
         instance = isinstance(norm, nn.modules.instancenorm._InstanceNorm)
         momentum = norm.momentum if norm.momentum is not None or not instance else 0.0
-        if momentum == 0:
-            continue
         count = buffers[f"{name}.num_batches_tracked"]
-        ran = per_task[f"{name}.num_batches_tracked"] - count     # [M]: 1 where the task's first pass used the layer
+        ran = per_task[f"{name}.num_batches_tracked"] - count     # [M]: updates each task's first pass made
         for stat in ("running_mean", "running_var"):
-            r0 = buffers[f"{name}.{stat}"]
-            seen = ran.to(r0.dtype)
-            if momentum is None:   # cumulative average: the j-th batch the layer sees gets factor 1 / (count + j)
-                first = 1 / (count.to(r0.dtype) + 1)
-                factors = seen / (count.to(r0.dtype) + torch.cumsum(seen, 0)).clamp_min(1)
+            r0, copies = buffers[f"{name}.{stat}"], per_task[f"{name}.{stat}"]
+            updates = ran.to(r0.dtype).view(-1, *[1] * r0.dim())
+            if momentum is None:
+                before = count.to(r0.dtype)
+                seen = before + updates.sum(0)
+                added = (copies * (before + updates) - before * r0).sum(0)
+                r0.copy_(torch.where(seen > 0, (before * r0 + added) / seen.clamp_min(1), r0))
             else:
-                first, factors = momentum, seen * momentum
-            batch_stats = (per_task[f"{name}.{stat}"] - (1 - first) * r0) / first
-            running = r0.clone()
-            for factor, s in zip(factors, batch_stats):
-                running.mul_(1 - factor).add_(factor * s)
-            r0.copy_(running)
+                decay = (1 - momentum) ** updates
+                running = r0.clone()
+                for scale, contribution in zip(decay, copies - decay * r0):
+                    running.mul_(scale).add_(contribution)
+                r0.copy_(running)
         if not instance:
             count.add_(ran.sum())

@@ -88,6 +88,42 @@ def test_batchnorm_running_stats_follow_an_ordinary_training_loop():
     assert all(torch.equal(a, b) for a, b in zip(before, frozen.buffers()))
 
 
+class SeparateViews(losses.SSLObjective):
+    """Cosine agreement of the two views, each embedded by its own call (the protocol allows it)."""
+
+    def forward(self, embed, x1, x2):
+        return -torch.nn.functional.cosine_similarity(embed(x1), embed(x2)).mean()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None, 0.0])
+@pytest.mark.parametrize("objective", ["separate views", "layer used twice"])
+def test_running_stats_of_a_layer_run_twice_per_pass_follow_an_ordinary_training_loop(objective, momentum):
+    """A BatchNorm layer that runs twice in a task's first pass (the objective embeds the views one by one, or the
+    model reuses the layer) takes two updates per task, in order, as ordinary training does; momentum 0 still
+    counts the batches."""
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(8, momentum=momentum)
+    if objective == "separate views":
+        model, ssl_loss = nn.Sequential(nn.Linear(6, 8), norm, nn.Tanh(), nn.Linear(8, 4)).double(), SeparateViews()
+        ordinary_pass = lambda m, task: (m(task[0]), m(task[1]))                      # noqa: E731
+    else:
+        model, ssl_loss = nn.Sequential(nn.Linear(6, 8), norm, nn.Tanh(), nn.Linear(8, 8), norm).double(), SIMCLR
+        ordinary_pass = lambda m, task: m(torch.cat([task[0], task[1]]))            # noqa: E731
+    model[1].running_mean.normal_()
+    model[1].num_batches_tracked.fill_(3)
+    views = torch.randn(3, 2, 4, 6, dtype=torch.float64)
+    ordinary = copy.deepcopy(model)
+    with torch.no_grad():
+        for task in views:
+            ordinary_pass(ordinary, task)
+    for batching in ("loop", "vmap"):
+        trained = copy.deepcopy(model)
+        GeSSLStep(trained, ssl_loss, hypergrad="fd", target_steps=1, task_batching=batching,
+                  warn_nonsmooth=False)(views)
+        for (name, got), want in zip(trained.named_buffers(), ordinary.buffers()):
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-14), (batching, name, got, want)
+
+
 @pytest.mark.parametrize("hypergrad", ["fd", "hvp", "itd", "first_order", "neumann", "cg"])
 def test_loop_vmap_and_chunked_vmap_agree(hypergrad):
     """Every built-in method: the same hypergradient and per-task KL whether the tasks run one at a time, all
@@ -268,6 +304,7 @@ BAD_ARGS = [
     (dict(task_batching="threads"), ValueError, "task_batching"),
     (dict(task_chunk_size=0), ValueError, "task_chunk_size"),
     (dict(fd_radius=0.01), TypeError, "fd_radius"),   # settings belong to the method: hypergrad=FD(radius=...)
+    (dict(process_group=42), TypeError, "process_group must be a torch.distributed.ProcessGroup"),
     (dict(head=3), TypeError, "head"),
     (dict(autocast_dtype=torch.int32), TypeError, "autocast_dtype"),
 ]

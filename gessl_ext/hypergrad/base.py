@@ -7,8 +7,8 @@ A method is called once per task as ``method(problem, trajectory, outer_grad) ->
   its derivative products from :class:`gessl_ext.inner.InnerSGD` (``update``, ``update_vjp``,
   ``proximal_matvec``, ``unroll``, ``inner_loop_vjp``). Differentiate through ``grad`` only with these: one
   task at a time they run on plain autograd, under ``vmap`` on ``torch.func``.
-* ``trajectory`` — [θ⁰ = θ, θ¹, …, θᴷ], the inner iterates (each [P]; K = len(trajectory) − 1). The last entry
-  is None for a method that declares ``uses_adapted_weights = False``: the step frees θᴷ before calling it.
+* ``trajectory`` — [θ⁰ = θ, θ¹, …, θᴷ], the inner iterates (each [P]; K = len(trajectory) − 1). For a method
+  that declares ``uses_adapted_weights = False`` the step frees θᴷ first and the last entry is :data:`FREED`.
 * ``outer_grad`` — v = ∂L_l/∂θᴷ [P], a fresh dense tensor the method owns: it may overwrite it in place.
 
 Methods run under ``torch.func.vmap``: fixed iteration counts, no ``.item()``, no branching on tensor values.
@@ -26,6 +26,22 @@ import torch
 Tensor = torch.Tensor
 
 HYPERGRADIENTS: dict[str, type["Hypergradient"]] = {}
+
+
+class FreedAdaptedWeights:
+    """What a method with ``uses_adapted_weights = False`` finds at ``trajectory[-1]``: θᴷ was freed before it ran.
+    Using it raises an error that says so (torch's own errors name this class)."""
+
+    def __getattr__(self, name):
+        raise RuntimeError("trajectory[-1] (θᴷ) was freed before this hypergradient method ran, because its class has "
+                           "uses_adapted_weights = False (perhaps inherited from FD, HVP or FirstOrder); a method "
+                           "that reads θᴷ must set uses_adapted_weights = True")
+
+    def __repr__(self):
+        return "FREED"
+
+
+FREED = FreedAdaptedWeights()
 
 
 def setting(default, help: str, *, minimum: float | None = None, inclusive: bool = True):
@@ -51,7 +67,8 @@ class Hypergradient:
     #: ``hvp`` (forward-over-reverse) leave it False.
     differentiates_inner_loop: ClassVar[bool] = False
     #: False when the method never reads θᴷ = ``trajectory[-1]`` (``fd`` and ``hvp`` use θ⁰ … θᴷ⁻¹ only): the step
-    #: then frees it before the method's passes, one per-task parameter copy less at their memory peak.
+    #: then frees it before the method's passes, one per-task parameter copy less at their memory peak. A plain
+    #: class attribute (an annotated one would be a dataclass field, a setting); subclasses inherit it.
     uses_adapted_weights: ClassVar[bool] = True
 
     def __post_init__(self):

@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from gessl_ext import GeSSLStep
+from gessl_ext.hypergrad import FREED
 from gessl_ext.inner import InnerSGD
 
 Tensor = torch.Tensor
@@ -71,7 +72,7 @@ def quadratic_results(method, inner_lr, inner_steps, expected_fn, dim: int = 6, 
         problem = QuadraticProblem(matrix, offset, inner_lr)
         trajectory = sgd_trajectory(problem, theta, inner_steps)
         if not method.uses_adapted_weights:
-            trajectory[-1] = None            # as the step hands it over (Hypergradient.uses_adapted_weights)
+            trajectory[-1] = FREED           # as the step hands it over (Hypergradient.uses_adapted_weights)
         return method(problem, trajectory, outer_grad.clone())   # the method owns outer_grad (may overwrite it)
 
     looped = torch.stack([one(*args) for args in zip(matrices, offsets, thetas, outer_grads)])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gessl_ext import HYPERGRADIENTS, GeSSLStep, losses, register_hypergradient
-from gessl_ext.hypergrad import CG, FD, FirstOrder, Hypergradient, Neumann, resolve, setting, settings_table
+from gessl_ext.hypergrad import CG, FD, HVP, FirstOrder, Hypergradient, Neumann, resolve, setting, settings_table
 from hypergrad_test_utils import smooth_mlp, step_hypergradient
 
 SIMCLR = losses.SimCLR(temperature=0.5)
@@ -134,3 +134,22 @@ def test_register_names_what_a_custom_method_must_declare():
         register_hypergradient("fd", Neumann)
     assert HYPERGRADIENTS["fd"] is FD and not {"plain_field", "not_a_dataclass", "list_setting"} & set(HYPERGRADIENTS)
     assert float(PlainField()(None, None, torch.ones(1))) == 0.5   # unregistered, it still constructs
+
+
+def test_a_method_that_reads_freed_adapted_weights_is_told_why():
+    """A subclass of HVP inherits uses_adapted_weights = False, so the step frees θᴷ; reading it names the cause
+    (one task at a time: the placeholder's own message; under vmap: torch's error names the placeholder)."""
+    @dataclasses.dataclass(frozen=True)
+    class AtAdaptedWeights(HVP):
+        def __call__(self, problem, trajectory, outer_grad):
+            return problem.hvp(trajectory[-1], outer_grad)
+
+    views = torch.randn(2, 2, 4, 6, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="uses_adapted_weights = False.*must set uses_adapted_weights = True"):
+        GeSSLStep(smooth_mlp(), SIMCLR, task_batching="loop", hypergrad=AtAdaptedWeights())(views)
+    with pytest.raises(Exception, match="FreedAdaptedWeights"):
+        GeSSLStep(smooth_mlp(), SIMCLR, task_batching="vmap", hypergrad=AtAdaptedWeights())(views)
+    declared = dataclasses.dataclass(frozen=True)(type("Declared", (AtAdaptedWeights,), {"uses_adapted_weights": True}))
+    model = smooth_mlp()
+    GeSSLStep(model, SIMCLR, task_batching="vmap", hypergrad=declared())(views)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

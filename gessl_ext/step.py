@@ -131,8 +131,8 @@ class GeSSLStep(nn.Module):
 
     BatchNorm: every pass of the inner loop, target, head and hypergradient normalises with the task's own batch
     statistics (its 2N inputs); running statistics are updated by the task's first forward at θ (each call of a
-    layer in it), in task order, exactly as M ordinary training steps would leave them. A model in ``eval()`` mode uses and keeps
-    its running statistics.
+    layer in it), in task order, exactly as M ordinary training steps would leave them. A model in ``eval()``
+    mode uses and keeps its running statistics.
 
     Non-finite values: if L or dL/dθ is not finite, nothing is written (``.grad``, running statistics and
     objective state such as queues stay as they were), ``out.skipped`` is True and ``step.skipped_steps`` (a
@@ -140,9 +140,10 @@ class GeSSLStep(nn.Module):
 
     Errors, raised before anything changes: ``TypeError`` for a model that is not an ``nn.Module``, views that are
     not a tensor or have another dtype than the parameters, a non-callable head, a hypergradient class instead of
-    an instance, a bad ``autocast_dtype``, a ``process_group`` that is not a ``ProcessGroup``; ``ValueError`` for views of the wrong rank, a view axis other than 2,
-    M < 1 or N < 2, views on another device than the model, K < 1, λ < 0, non-positive rates or temperatures,
-    an unknown method or ``task_batching``, a model (with objective) without trainable parameters, a
+    an instance, a bad ``autocast_dtype``, a ``process_group`` that is not a ``ProcessGroup``; ``ValueError`` for
+    views of the wrong rank, a view axis other than 2, M < 1 or N < 2, views on another device than the model,
+    K < 1, λ < 0, non-positive rates or temperatures, an unknown method or ``task_batching``, a model (with
+    objective) without trainable parameters, a
     ``torch.compile``d model (also at each call), views made under ``inference_mode``, and, at the first step
     with an input shape, a model output other than one tensor [B, d] or no trainable parameter reaching it;
     ``RuntimeError`` for a step called under ``torch.inference_mode()`` (docs/models.md).
@@ -178,8 +179,8 @@ class GeSSLStep(nn.Module):
         if head is not None and not callable(head):
             raise TypeError(f"head must be callable head(z1, z2) -> log_probs, got {type(head).__name__}")
         if process_group is not None and not isinstance(process_group, torch.distributed.ProcessGroup):
-            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup (e.g. torch.distributed.group.WORLD) "
-                            f"or None, got {type(process_group).__name__}")
+            raise TypeError("process_group must be a torch.distributed.ProcessGroup (e.g. torch.distributed.group."
+                            f"WORLD) or None, got {type(process_group).__name__}")
         if autocast_dtype is not None and not (isinstance(autocast_dtype, torch.dtype) and autocast_dtype.is_floating_point):
             raise TypeError(f"autocast_dtype must be a floating torch.dtype or None, got {autocast_dtype!r}")
 

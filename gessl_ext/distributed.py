@@ -28,19 +28,23 @@ Launch helpers for training scripts: :func:`init_from_env` (torchrun), :func:`is
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import types
 from datetime import timedelta
 
 import torch
-import torch._dynamo  # noqa: F401  before any process group exists: see below
 import torch.distributed as dist
 from torch import nn
 
 # torch._dynamo, imported once a default process group exists, keeps references to that group until the interpreter
-# exits (its first import usually comes from the step's first torch.func transform). A gloo group destroyed by
+# exits (its first import usually comes with the step's first torch.func transform). A gloo group destroyed by
 # destroy_process_group() but kept alive to exit can make the rank abort there ("terminate called without an active
-# exception"; 10 of 20 two-rank runs here). Imported first, it holds none. The step holds its group weakly.
+# exception"; 10 of 20 two-rank runs here). Imported before the group exists, it holds none. So it is imported here
+# in a process that torchrun (or a launcher like it) started, and by init_from_env; elsewhere not, since it costs
+# about 1 s and 150 MB. The step itself holds its group weakly.
+if "WORLD_SIZE" in os.environ:
+    importlib.import_module("torch._dynamo")
 
 Tensor = torch.Tensor
 
@@ -216,6 +220,7 @@ def init_from_env(backend: str | None = None, timeout: timedelta = DEFAULT_TIMEO
             raise ValueError(f"LOCAL_RANK={values['LOCAL_RANK']} but this node has {count} CUDA devices: "
                              "use --nproc-per-node <= the number of GPUs")
         torch.cuda.set_device(values["LOCAL_RANK"])
+    importlib.import_module("torch._dynamo")   # before the group exists (see the note at the top of this module)
     dist.init_process_group(backend, timeout=timeout)
     return True
 

@@ -20,6 +20,7 @@ substitutes with the same function (:meth:`TaskModel._substitutes`; docs/models.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 from typing import Callable
@@ -94,6 +95,21 @@ class _Joint(nn.Module):
         return checked_embedding(self.model(x), x.shape[0])
 
 
+@contextlib.contextmanager
+def _own_tensors_restored(modules):
+    """Put each module's own parameters and buffers back on exit. ``torch.func.functional_call`` does not for a module
+    that sits under two names (a layer used twice): it swaps the tensors in under each name and on exit restores the
+    second name's "original", which is the tensor it swapped in under the first, leaving the module with a non-leaf
+    parameter (torch 2.14)."""
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in modules]
+    try:
+        yield
+    finally:
+        for m, parameters, buffers in saved:
+            m._parameters.update(parameters)
+            m._buffers.update(buffers)
+
+
 def checked_embedding(z, batch: int) -> Tensor:
     """``z`` if it is an embedding [B, d] of B = ``batch`` inputs; else a ValueError naming what it is and the fix."""
     if not isinstance(z, Tensor):
@@ -137,6 +153,8 @@ class TaskModel:
         self.streams = RandomStreams()
         self._layer_substitutes = layer_substitutes(self.joint)
         self._attention = [m for m in self.joint.modules() if isinstance(m, nn.MultiheadAttention) and m.dropout > 0]
+        calls = collections.Counter(id(m) for _, m in self.joint.named_modules(remove_duplicate=False))
+        self._reused = [m for m in self.joint.modules() if calls[id(m)] > 1]
 
     def parameters(self) -> list[nn.Parameter]:
         named = dict(self.joint.named_parameters())
@@ -174,7 +192,7 @@ class TaskModel:
             list(self.tracked_norms.values()) if stats else [], True
         ), self._substitutes(plain_batchnorm), self.streams.replay(x1.device), self._mixed_precision(theta.dtype), (
             recording_statistics(self.tracked_norms, record) if record is not None else contextlib.nullcontext()
-        ):
+        ), _own_tensors_restored(self._reused):
             return functional_call(self.joint, state, (x1, x2), {"what": what}, strict=False)
 
     def update_running_stats(self, stats: dict[str, Tensor], records) -> None:

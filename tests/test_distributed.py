@@ -356,9 +356,10 @@ def test_helpers_without_a_process_group(monkeypatch):
 
 
 def test_step_does_not_keep_a_destroyed_group_alive(tmp_path):
-    """In a fresh interpreter, as a training script runs: import gessl_ext, create the group, step, destroy it.
-    Afterwards nothing holds the group (a gloo group kept alive to interpreter exit made ranks abort there,
-    "terminate called without an active exception"), and a step called after destroy_process_group() says so."""
+    """In a fresh interpreter started as torchrun starts a rank (WORLD_SIZE set), as a training script runs: import
+    gessl_ext, create the group, step, destroy it. Afterwards nothing holds the group (a gloo group kept alive to
+    interpreter exit made ranks abort there, "terminate called without an active exception"), and a step called
+    after destroy_process_group() says so."""
     import subprocess
     import sys
 
@@ -383,7 +384,8 @@ except RuntimeError as exc:
 else:
     raise AssertionError("a step after destroy_process_group() ran")
 """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "WORLD_SIZE": "1"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 

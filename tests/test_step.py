@@ -118,10 +118,13 @@ def test_running_stats_of_a_layer_run_twice_per_pass_follow_an_ordinary_training
             ordinary_pass(ordinary, task)
     for batching in ("loop", "vmap"):
         trained = copy.deepcopy(model)
+        own = dict(trained.named_parameters(remove_duplicate=False))
         GeSSLStep(trained, ssl_loss, hypergrad="fd", target_steps=1, task_batching=batching,
                   warn_nonsmooth=False)(views)
         for (name, got), want in zip(trained.named_buffers(), ordinary.buffers()):
             assert torch.allclose(got, want, rtol=1e-12, atol=1e-14), (batching, name, got, want)
+        # the model keeps its own parameters (torch.func.functional_call alone leaves a reused layer's swapped in)
+        assert all(p is own[n] and p.is_leaf for n, p in trained.named_parameters(remove_duplicate=False)), batching
 
 
 @pytest.mark.parametrize("hypergrad", ["fd", "hvp", "itd", "first_order", "neumann", "cg"])

@@ -250,7 +250,7 @@ def load_yaml(path: str) -> dict:
 
 
 # measured with `bash scripts/measure_readme.sh OUT quick` on the idle 2-core machine, 2026-12-01 (README, "The main job")
-QUICK_RUNTIME = "about 50 s wall-clock and 92 s of CPU time on an idle 2-core CPU"
+QUICK_RUNTIME = "about 50 s wall-clock and 90 s of CPU time on an idle 2-core CPU"
 
 
 def add_arguments(parser: argparse.ArgumentParser, help_overrides: dict[str, str] | None = None,

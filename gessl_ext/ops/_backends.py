@@ -96,9 +96,12 @@ def check_same_layout(name, t, ref_name, ref):
         raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
 
 
-def check_finite_scalar(name, value, positive):
+def check_finite_scalar(name, value, positive=False, nonzero=False):
+    """value as a float: TypeError unless a Python number (not bool), ValueError unless finite (and > 0 / nonzero)."""
+    kind = "finite positive" if positive else "finite nonzero" if nonzero else "finite"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value}")
+        raise TypeError(f"{name} must be a {kind} Python number, got {type(value).__name__}")
+    if not math.isfinite(value) or (positive and value <= 0) or (nonzero and value == 0):
+        raise ValueError(f"{name} must be finite{' and > 0' if positive else ' and nonzero' if nonzero else ''}, "
+                         f"got {value}")
     return float(value)

@@ -11,8 +11,6 @@ Custom op ``gessl_ext::fd_perturb``: the fused kernel of csrc/fd_hvp.cu for CUDA
 extension is built, the PyTorch reference below everywhere else. It is not differentiable (the fd
 hypergradient only evaluates it); vmap batches over tasks.
 """
-import math
-
 import torch
 from torch import Tensor
 
@@ -21,6 +19,7 @@ from ._backends import (
     accumulation_dtype,
     as_rows,
     batch_to_front,
+    check_finite_scalar,
     check_float_tensor,
     check_same_layout,
 )
@@ -62,15 +61,6 @@ def _fd_perturb_vmap(info, in_dims, theta, u, radius):
     return _fd_perturb_op(theta, u, radius), (0, 0)
 
 
-def _checked_radius(radius):
-    """radius as a float; TypeError unless it is a Python number, ValueError unless finite and nonzero."""
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)):
-        raise TypeError(f"radius must be a finite nonzero Python number, got {type(radius).__name__}")
-    if not math.isfinite(radius) or radius == 0:
-        raise ValueError(f"radius must be finite and nonzero, got {radius}")
-    return float(radius)
-
-
 def fd_perturb(theta, u, radius):
     """theta + eps*u with eps = radius / max(||u||, tiny) per row.
 
@@ -89,4 +79,4 @@ def fd_perturb(theta, u, radius):
     if theta.dim() < 1:
         raise ValueError("theta must be [..., P] with at least one dim, got a 0-dim tensor")
     check_same_layout("u", u, "theta", theta)
-    return _fd_perturb_op(theta, u, _checked_radius(radius))
+    return _fd_perturb_op(theta, u, check_finite_scalar("radius", radius, nonzero=True))

@@ -30,11 +30,11 @@ def tracked_norms(module: nn.Module) -> dict[str, nn.modules.batchnorm._NormBase
 
 
 @contextlib.contextmanager
-def running_stats_tracking(norms, enabled: bool):
-    """Temporarily switch running-statistics tracking of the given norm layers on or off."""
+def running_stats_frozen(norms):
+    """Temporarily switch running-statistics tracking of the given norm layers off (they normalise as before)."""
     saved = [m.track_running_stats for m in norms]
     for m in norms:
-        m.track_running_stats = enabled
+        m.track_running_stats = False
     try:
         yield
     finally:
@@ -51,15 +51,15 @@ def _plain_norm(norm: nn.modules.batchnorm._NormBase, x: Tensor) -> Tensor:
     """BatchNorm (statistics over the batch and spatial axes) or InstanceNorm (per sample, over the spatial
     axes) from elementary ops, with torch's semantics; x: [B, C, *spatial] (InstanceNorm also [C, *spatial]).
 
-    Input statistics when :func:`_uses_input_stats`, else the running statistics, which are updated
-    (:func:`update_running_stats`) only while ``track_running_stats`` is on (the task's first pass one task at a
-    time, see :class:`gessl_ext.tasks.TaskModel`).
+    Input statistics when :func:`_uses_input_stats`, else the running statistics, which it leaves alone: every
+    pass runs with tracking off, and the task's first pass records the statistics to fold in
+    (:func:`recording_statistics`, :class:`gessl_ext.tasks.TaskModel`).
 
     Used where torch's fused kernels cannot be: under vmap with reverse-over-reverse differentiation (``itd``;
     their double backward has no batching rule) and for InstanceNorm with running statistics, whose fused
     kernel updates them in every pass (and, under vmap, in place into unbatched buffers).
     """
-    x, dims, count, unbatched = _norm_axes(norm, x)
+    x, dims, unbatched = _norm_axes(norm, x)
     shape = [1, -1] + [1] * (x.dim() - 2)
     if _uses_input_stats(norm):
         mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
@@ -68,44 +68,37 @@ def _plain_norm(norm: nn.modules.batchnorm._NormBase, x: Tensor) -> Tensor:
     y = (x - mean) * torch.rsqrt(var + norm.eps)
     if norm.affine:
         y = y * norm.weight.view(shape) + norm.bias.view(shape)
-    if norm.training and norm.track_running_stats and norm.running_mean is not None:
-        update_running_stats(norm, *_folded_statistics(norm, mean, var, count))
     return y.squeeze(0) if unbatched else y
 
 
 def _norm_axes(norm: nn.modules.batchnorm._NormBase, x: Tensor):
-    """(x with a batch axis, the axes its statistics reduce, values per statistic, whether x had no batch axis)."""
+    """(x with a batch axis, the axes its statistics reduce, whether x had no batch axis)."""
     instance = isinstance(norm, nn.modules.instancenorm._InstanceNorm)
     unbatched = instance and x.dim() == norm._get_no_batch_dim()
     if unbatched:
         x = x.unsqueeze(0)
-    dims = list(range(2, x.dim())) if instance else [0] + list(range(2, x.dim()))
-    count = x[0, 0].numel() if instance else x.numel() // x.shape[1]
-    return x, dims, count, unbatched
-
-
-def _folded_statistics(norm: nn.modules.batchnorm._NormBase, mean: Tensor, var: Tensor, count: int):
-    """The (mean [C], unbiased variance [C]) a training pass folds into the running statistics, from the input's
-    biased statistics over ``count`` values each (kept axes: [1, C, 1…]; InstanceNorm [B, C, 1…], averaged over B)."""
-    reduce = (lambda t: t.mean(0).reshape(-1)) if isinstance(norm, nn.modules.instancenorm._InstanceNorm) \
-        else (lambda t: t.reshape(-1))
-    return reduce(mean.detach()), reduce(var.detach()) * count / max(count - 1, 1)
+    return x, list(range(2, x.dim())) if instance else [0] + list(range(2, x.dim())), unbatched
 
 
 def batch_statistics(norm: nn.modules.batchnorm._NormBase, x: Tensor) -> tuple[Tensor, Tensor]:
     """(mean [C], unbiased variance [C]) that a training-mode pass of ``norm`` on input x folds into its running
-    statistics (:func:`update_running_stats`), detached, in the running statistics' dtype."""
-    x, dims, count, _ = _norm_axes(norm, x.detach().to(norm.running_mean.dtype))
-    var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
-    return _folded_statistics(norm, mean, var, count)
+    statistics (:func:`update_running_stats`), detached, in the running statistics' dtype: BatchNorm's over the
+    batch and spatial axes, InstanceNorm's per instance and averaged over the batch."""
+    instance = isinstance(norm, nn.modules.instancenorm._InstanceNorm)
+    x, dims, _ = _norm_axes(norm, x.detach().to(norm.running_mean.dtype))
+    count = x[0, 0].numel() if instance else x.numel() // x.shape[1]
+    var, mean = torch.var_mean(x, dims, correction=0)
+    if instance:   # [B, C], one per instance
+        mean, var = mean.mean(0), var.mean(0)
+    return mean, var * count / max(count - 1, 1)
 
 
 @torch.no_grad()
-def update_running_stats(norm: nn.modules.batchnorm._NormBase, mean: Tensor, var: Tensor, buffers=None) -> None:
-    """Fold one batch's (mean [C], unbiased variance [C]) into running statistics in place, as torch's layer does:
-    the counter + 1; factor ``momentum``, or with momentum None 1 / counter for BatchNorm (a cumulative average)
-    and 0 for InstanceNorm. ``buffers``: (running_mean, running_var, num_batches_tracked), the layer's own if None."""
-    running_mean, running_var, counter = buffers or (norm.running_mean, norm.running_var, norm.num_batches_tracked)
+def update_running_stats(norm: nn.modules.batchnorm._NormBase, mean: Tensor, var: Tensor, buffers) -> None:
+    """Fold one batch's (mean [C], unbiased variance [C]) into running statistics ``buffers`` (running_mean,
+    running_var, num_batches_tracked; e.g. per-task copies) in place, as torch's layer does: the counter + 1; factor
+    ``momentum``, or with momentum None 1 / counter for BatchNorm (a cumulative average) and 0 for InstanceNorm."""
+    running_mean, running_var, counter = buffers
     counter.add_(1)
     if norm.momentum is not None:
         factor = norm.momentum

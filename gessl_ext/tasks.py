@@ -32,7 +32,7 @@ from torch.func import functional_call, jvp, vjp, vmap
 
 from .inner import InnerSGD
 from .layers import (LOWERED_LAYERS, NORM_LAYERS, layer_in_low_precision, layer_substitutes, network_under_autocast,
-                     norm_in_dtype, plain_norms, recording_statistics, recurrent_forward, running_stats_tracking,
+                     norm_in_dtype, plain_norms, recording_statistics, recurrent_forward, running_stats_frozen,
                      substituted, tracked_norms, update_running_stats, wrapped_forwards)
 from .losses.momentum import MomentumObjective
 from .randomness import RandomStreams, fork_rng
@@ -177,28 +177,27 @@ class TaskModel:
         buffers = dict(self.joint.named_buffers())
         return {n: buffers[n] for n in self.stat_names}
 
-    def call(self, theta: Tensor, x1: Tensor, x2: Tensor, what: str, consts, stats=None, plain_batchnorm=False,
+    def call(self, theta: Tensor, x1: Tensor, x2: Tensor, what: str, consts, plain_batchnorm=False,
              record: list | None = None):
-        """Run the joint module at θ [P] on one task; ``stats`` (running-statistics copies) are updated in place.
-        With a ``record`` list instead, the model's tracked norm layers append the statistics they would fold in
-        (:func:`recording_statistics`), for :meth:`update_running_stats` to apply outside a gradient transform.
+        """Run the joint module at θ [P] on one task; running statistics are left alone. With a ``record`` list, the
+        model's tracked norm layers append the statistics they would fold in (:func:`recording_statistics`), for
+        :meth:`update_running_stats` to apply after the pass (outside any gradient transform, which refuses
+        in-place writes to captured tensors).
 
         ``plain_batchnorm`` (vmap + reverse-over-reverse) computes BatchNorm / InstanceNorm from elementary ops
         (:func:`_plain_norm`). Recurrent layers run as :func:`recurrent_forward`; random draws replay the task's
         stream (:class:`RandomStreams`).
         """
-        state = {**consts, **self.spec.unflatten(theta), **(stats or {})}
-        with running_stats_tracking(self._tracked, False), running_stats_tracking(
-            list(self.tracked_norms.values()) if stats else [], True
-        ), self._substitutes(plain_batchnorm), self.streams.replay(x1.device), self._mixed_precision(theta.dtype), (
-            recording_statistics(self.tracked_norms, record) if record is not None else contextlib.nullcontext()
-        ), _own_tensors_restored(self._reused):
+        state = {**consts, **self.spec.unflatten(theta)}
+        recording = recording_statistics(self.tracked_norms, record) if record is not None else contextlib.nullcontext()
+        with running_stats_frozen(self._tracked), self._substitutes(plain_batchnorm), self.streams.replay(x1.device), \
+                self._mixed_precision(theta.dtype), recording, _own_tensors_restored(self._reused):
             return functional_call(self.joint, state, (x1, x2), {"what": what}, strict=False)
 
-    def update_running_stats(self, stats: dict[str, Tensor], records) -> None:
-        """Fold recorded (name, mean, variance) statistics (:meth:`call` with ``record``) into the running-statistics
-        copies ``stats`` in place, in call order, as the layers would have during the pass."""
-        for name, mean, var in records:
+    def update_running_stats(self, stats: dict[str, Tensor], names: list[str], statistics) -> None:
+        """Fold the statistics recorded by a pass (:meth:`call` with ``record``: layer ``names`` and their (mean,
+        variance)) into the running-statistics copies ``stats`` in place, in call order, as the layers would have."""
+        for name, (mean, var) in zip(names, statistics):
             update_running_stats(self.tracked_norms[name], mean, var,
                                  [stats[f"{name}.{b}"] for b in ("running_mean", "running_var", "num_batches_tracked")])
 
@@ -230,7 +229,7 @@ class TaskModel:
         caller's random state untouched. A parameter that reaches neither gets no gradient from a step, as from
         ``loss.backward()``. The pass also checks the model's output (:func:`checked_embedding`)."""
         params = self.parameters()
-        with fork_rng(x1.device), torch.enable_grad(), running_stats_tracking(self._tracked, False), self._substitutes(False):
+        with fork_rng(x1.device), torch.enable_grad(), running_stats_frozen(self._tracked), self._substitutes(False):
             if self.embeds_views_once:
                 outputs = self.joint(x1, x2, "loss_and_embed")
             else:
@@ -281,11 +280,11 @@ class TaskProblem(InnerSGD):
         self.use_kernels = use_kernels
         self.plain_batchnorm = differentiates_inner_loop
 
-    def call(self, theta: Tensor, what: str, stats=None):
-        return self.task_model.call(theta, self.x1, self.x2, what, self.consts, stats, self.plain_batchnorm)
+    def call(self, theta: Tensor, what: str, record: list | None = None):
+        return self.task_model.call(theta, self.x1, self.x2, what, self.consts, self.plain_batchnorm, record)
 
-    def loss(self, theta: Tensor, stats=None) -> Tensor:
-        return self.call(theta, "loss", stats)
+    def loss(self, theta: Tensor) -> Tensor:
+        return self.call(theta, "loss")
 
     def embed(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         """Embeddings of both views at θ: ([N, d], [N, d])."""
@@ -293,15 +292,15 @@ class TaskProblem(InnerSGD):
 
     # -- differentiation primitives (overridden by EagerTaskProblem) --
 
-    def grad_and_value(self, fn: Callable, theta: Tensor) -> tuple[Tensor, Tensor]:
-        """(∇_θ fn(θ) [P], fn(θ)) for a scalar fn.
+    def grad_and_value(self, fn: Callable, theta: Tensor, has_aux: bool = False):
+        """(∇_θ fn(θ) [P], fn(θ)) for a scalar fn; with ``has_aux``, fn returns (value, aux) and this (grad, value, aux).
 
         By the pullback of ``torch.func.vjp``: ``torch.func.grad_and_value`` records its backward for a further
         derivative and so keeps every activation's gradient alive until it returns, one more activation set at the
         end of each pass (bench/memory_meter.py; same values).
         """
-        value, pullback = vjp(fn, theta)
-        return pullback(torch.ones_like(value))[0], value
+        value, pullback, *aux = vjp(fn, theta, has_aux=has_aux)
+        return (pullback(torch.ones_like(value))[0], value, *aux)
 
     def vjp(self, fn: Callable, theta: Tensor, cotangent: Tensor) -> Tensor:
         """cotangentᵀ ∂fn/∂θ [P] for fn: [P] → [P]."""
@@ -336,23 +335,21 @@ class TaskProblem(InnerSGD):
         return self.grad_and_value(self.loss, theta)[0]
 
     def grad_and_loss(self, theta: Tensor, stats=None) -> tuple[Tensor, Tensor]:
-        """(∇ℓ(θ) [P], ℓ(θ)); BatchNorm ``stats`` copies, if given, take this pass's running-stat update. The pass
-        records the statistics and the copies take them after the gradient transform, which refuses in-place
-        writes to captured tensors (:meth:`TaskModel.update_running_stats`)."""
+        """(∇ℓ(θ) [P], ℓ(θ)); BatchNorm ``stats`` copies, if given, take this pass's running-stat update: the pass
+        records the statistics, returned as the gradient's auxiliary output, and the copies take them after it
+        (:meth:`TaskModel.update_running_stats`)."""
         if not stats:
             return self.grad_and_value(self.loss, theta)
         names = []
 
         def loss_and_statistics(theta):
             records = []
-            loss = self.task_model.call(theta, self.x1, self.x2, "loss", self.consts, None, self.plain_batchnorm,
-                                        records)
+            loss = self.call(theta, "loss", records)
             names[:] = [name for name, _, _ in records]
             return loss, [(mean, var) for _, mean, var in records]
 
-        loss, pullback, statistics = vjp(loss_and_statistics, theta, has_aux=True)
-        grad = pullback(torch.ones_like(loss))[0]
-        self.task_model.update_running_stats(stats, [(n, *s) for n, s in zip(names, statistics)])
+        grad, loss, statistics = self.grad_and_value(loss_and_statistics, theta, has_aux=True)
+        self.task_model.update_running_stats(stats, names, statistics)
         return grad, loss
 
     def adapted(self, theta: Tensor) -> "AdaptedPoint":
@@ -390,18 +387,13 @@ class EagerTaskProblem(TaskProblem):
         super().__init__(*args, use_kernels=use_kernels)
         self.recorded_graph = differentiates_inner_loop
 
-    def grad_and_value(self, fn, theta, *args):
-        """(∇_θ fn(θ, *args), fn(θ, *args)) by ``torch.autograd.grad``; ``args`` (running-statistics copies) are
-        written in place by the pass, which plain autograd allows."""
+    def grad_and_value(self, fn, theta, has_aux=False):
         differentiable = theta.requires_grad
         x = theta if differentiable else theta.detach().requires_grad_()
         with torch.enable_grad():
-            value = fn(x, *args)
+            value, *aux = fn(x) if has_aux else (fn(x),)
             (grad_x,) = torch.autograd.grad(value, x, create_graph=differentiable)
-        return grad_x, value if differentiable else value.detach()
-
-    def grad_and_loss(self, theta, stats=None):
-        return self.grad_and_value(self.loss, theta, stats)
+        return (grad_x, value if differentiable else value.detach(), *aux)
 
     def vjp(self, fn, theta, cotangent):
         x = theta.detach().requires_grad_()

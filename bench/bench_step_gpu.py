@@ -2,9 +2,9 @@
 
 ResNet-18 (32×32) and ResNet-50 (64×64), SimCLR, M = 8, N ∈ {16, 32, 128}, K = 1, λ = 10, hypergradients
 fd / itd / hvp, in fp32 with TF32 allowed ("tf32") and under bf16 autocast ("bf16"). Compared in one run:
-the default GeSSLStep (task_batching="auto" → vmap on CUDA), the per-task loop baseline in the same
-precision, and the ideal: ``passes`` plain SimCLR training passes on the union batch of M·N pairs,
-channels-last, cudnn.benchmark, same precision. Per benchmark: median wall time (synchronised), the
+the default GeSSLStep (task_batching="auto", by task size: vmap for ResNet-18 at N = 16, 32 and ResNet-50 at N = 16,
+the loop for the others; gessl_ext/batching.py), the per-task loop baseline in the same precision, and the ideal: ``passes`` plain SimCLR training passes on the union batch of
+M·N pairs, channels-last, cudnn.benchmark, same precision. Per benchmark: median wall time (synchronised), the
 peak GPU memory of one step above what was allocated before it (torch.cuda.max_memory_allocated), and
 for bf16 the relative difference of the hypergradient from a strict-fp32 step.
 
@@ -25,6 +25,7 @@ import time
 import pytest
 import torch
 
+from gessl_ext.batching import TaskBatching, auto_batching
 from workloads import Workload, build, quick_mode
 
 ON_CPU = os.environ.get("BENCH_GPU_ON_CPU", "0") not in ("", "0")
@@ -182,21 +183,26 @@ def test_plain_union(benchmark, quick, workload, precision):
              implementation="plain_union", method="plain", precision=precision, variant="plain_union")
 
 
-BATCHINGS = {"loop": dict(task_batching="loop"), "vmap-chunk4": dict(task_batching="vmap", task_chunk_size=4)}
+BATCHINGS = {"loop": dict(task_batching="loop"), "vmap": dict(task_batching="vmap"),
+             "vmap-chunk4": dict(task_batching="vmap", task_chunk_size=4)}
 
 
 def _batching_params():
     for task_size in SIZES:
-        for batching in BATCHINGS:
-            marks = [pytest.mark.target] if task_size == 128 or (task_size == 32 and batching == "loop") else []
-            yield pytest.param(resnet18(task_size), batching, marks=marks, id=f"{resnet18(task_size).name}-{batching}")
+        workload = resnet18(task_size)
+        shape = (workload.num_tasks, 2, task_size, workload.in_channels, workload.image_size, workload.image_size)
+        auto = auto_batching(torch.device("cuda"), torch.Size(shape))
+        for batching, settings in BATCHINGS.items():
+            if TaskBatching(settings["task_batching"], settings.get("task_chunk_size")) == auto:
+                continue   # test_step's default step runs it
+            marks = [pytest.mark.target] if task_size in (32, 128) else []
+            yield pytest.param(workload, batching, marks=marks, id=f"{workload.name}-{batching}")
 
 
 @pytest.mark.parametrize("workload,batching", list(_batching_params()))
 def test_step_batching(benchmark, quick, workload, batching):
-    """The default step (fd, tf32) with other task batchings, against test_step's vmap of all M tasks: the
-    measurements a size-aware ``task_batching="auto"`` needs (issue 16; vmap was slower than a per-task loop at
-    N = 128 on the H200 of 2026-11-30)."""
+    """The default step (fd, tf32) with the task batchings ``task_batching="auto"`` did not pick, against test_step's
+    default: the measurements that refit auto's size threshold (issue 16; gessl_ext/batching.py)."""
     workload = workload.quick() if quick else workload
     _measure(benchmark, workload, lambda: build(workload, "gessl", "fd", DEVICE, **BATCHINGS[batching]),
              implementation="gessl", method="fd", precision="tf32", variant=batching)

@@ -3,8 +3,8 @@
     PYTHONPATH=. python bench/profile_step_gpu.py [--precision bf16 tf32] [--top 25] [--quick]
 
 Workload: ResNet-18 CIFAR-style (32×32), SimCLR, M = 8 tasks, N = 32 pairs, K = 1, λ = 10, ``fd``, the
-default ``GeSSLStep`` (``task_batching="auto"``: vmap on CUDA), under bf16 autocast ("bf16") or fp32 with
-TF32 allowed ("tf32"); cudnn.benchmark on. After two warm-up steps, one step is profiled (CPU + CUDA
+default ``GeSSLStep`` (``task_batching="auto"``: vmap on CUDA at this size), under bf16 autocast ("bf16") or fp32
+with TF32 allowed ("tf32"); cudnn.benchmark on. After two warm-up steps, one step is profiled (CPU + CUDA
 activity) and the CUDA kernels are ranked by their total device time: calls, total ms, share of all
 kernel time, plus the step's wall time and its kernel-launch count (launch-bound steps show many short
 kernels). A precision that fails is reported with its error and the next one still runs; the exit

@@ -21,6 +21,11 @@ def sgd_update(theta: Tensor, grad: Tensor, lr: float) -> Tensor:
     return torch.add(theta, grad, alpha=-lr)   # one kernel, no temporary α·g
 
 
+def sgd_update_(theta: Tensor, grad: Tensor, lr: float) -> Tensor:
+    """In place, θ ← θ − α g; returns θ. For an iterate nothing else holds (the target's steps after the first)."""
+    return theta.add_(grad, alpha=-lr)
+
+
 def sgd_update_vjp(u: Tensor, hessian_u: Tensor, lr: float) -> Tensor:
     """uᵀ ∂(θ − α∇ℓ(θ))/∂θ = u − αHu, given the Hessian-vector product ``hessian_u`` = Hu (exact or approximate)."""
     return torch.add(u, hessian_u, alpha=-lr)
@@ -44,8 +49,9 @@ class InnerSGD:
 
     The problem supplies ``inner_lr`` (α), ``grad(θ)`` = ∇ℓ(θ) [P], ``hvp(θ, u)`` = H(θ)u [P],
     ``vjp(fn, θ, cotangent)`` and ``second_order()``; this class builds the loop and its derivative products
-    from them. ``recorded_graph`` is True on a problem whose :meth:`start` makes the inner loop record its
-    autograd graph (one task at a time, for a strategy that differentiates the loop); then
+    from them. A problem whose gradients come in pieces (one per parameter, without a flat copy) overrides
+    :meth:`pieces` and :meth:`grad_pieces`. ``recorded_graph`` is True on a problem whose :meth:`start` makes the inner
+    loop record its autograd graph (one task at a time, for a strategy that differentiates the loop); then
     :meth:`inner_loop_vjp` differentiates that graph instead of running the loop again.
     """
 
@@ -62,9 +68,25 @@ class InnerSGD:
         with torch.enable_grad(), self.second_order() if self.recorded_graph else contextlib.nullcontext():
             yield
 
+    def pieces(self, flat: Tensor) -> tuple[Tensor, ...]:
+        """Views of a flat [P] vector (θ, u, a gradient) in the pieces :meth:`grad_pieces` computes gradients in; here
+        one piece, the whole vector."""
+        return (flat,)
+
+    def grad_pieces(self, theta: Tensor) -> tuple[Tensor, ...]:
+        """∇ℓ(θ) in the pieces of :meth:`pieces`, for updating a vector piece by piece (``fd``, :meth:`update_`)."""
+        return self.pieces(self.grad(theta))
+
     def update(self, theta: Tensor, grad: Tensor | None = None) -> Tensor:
         """θ − α∇ℓ(θ) [P]; ``grad`` = ∇ℓ(θ) when already computed."""
         return sgd_update(theta, self.grad(theta) if grad is None else grad, self.inner_lr)
+
+    def update_(self, theta: Tensor) -> Tensor:
+        """θ ← θ − α∇ℓ(θ) in place, piece by piece (:meth:`grad_pieces`); returns θ. Holds no second iterate and, with
+        per-parameter pieces, no flat gradient; for an iterate that no graph and no one else holds."""
+        for part, grad in zip(self.pieces(theta), self.grad_pieces(theta)):
+            sgd_update_(part, grad, self.inner_lr)
+        return theta
 
     def update_vjp(self, theta: Tensor, u: Tensor) -> Tensor:
         """uᵀ ∂update/∂θ = u − αH(θ)u [P], with the exact Hessian-vector product."""

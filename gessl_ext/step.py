@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .batching import TASK_BATCHING, TaskBatching, auto_batching
 from .distributed import gather_views, reduce_across_ranks, task_local_batchnorm
 from .head import PairHead, outer_kl
 from .hypergrad import FD, FREED, Hypergradient, resolve
@@ -28,8 +29,6 @@ from .tasks import (AdaptedPoint, EagerTaskProblem, TaskModel, TaskProblem, fold
                     run_tasks)
 
 Tensor = torch.Tensor
-
-TASK_BATCHING = ("auto", "vmap", "loop")
 
 NONSMOOTH_LAYERS = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Threshold,
@@ -75,11 +74,11 @@ def inner_loop(problem: TaskProblem, theta: Tensor, steps: int, stats):
 
 
 def self_motivated_target(problem: TaskProblem, adapted: AdaptedPoint, steps: int):
-    """λ more SGD steps from θᴷ (the first from the adapted point's gradient); returns the target's
-    embeddings (z1, z2), detached."""
+    """λ more SGD steps from θᴷ (the first from the adapted point's gradient, the others in place on the target's own
+    iterate); returns the target's embeddings (z1, z2), detached."""
     theta = adapted.theta.detach()
     for step in range(steps):
-        theta = problem.update(theta, adapted.ssl_grad() if step == 0 else None)
+        theta = problem.update(theta, adapted.ssl_grad()) if step == 0 else problem.update_(theta)
     with torch.no_grad():
         return tuple(z.detach() for z in problem.embed(theta))
 
@@ -115,7 +114,9 @@ class GeSSLStep(nn.Module):
         head_temperature: τ (> 0) of the default pair-classification head π (cosine similarity / τ); head: a
             custom head ``head(z1, z2) -> log_probs [2N, C]`` (then head_temperature is unused).
         task_batching: "loop" (one task at a time), "vmap" (tasks batched with torch.func.vmap, in chunks of
-            ``task_chunk_size``, default all M), or "auto": loop on the CPU, vmap elsewhere (docs/performance.md).
+            ``task_chunk_size``, default all M), or "auto": by device and task size, the loop on the CPU and for
+            large tasks, vmap for small ones on an accelerator, in smaller chunks after running out of device memory
+            (``gessl_ext.batching``; :meth:`task_batching_for` says what a step runs).
         autocast_dtype: torch.bfloat16 or torch.float16 to run the model's forward passes in low precision; the
             SSL loss, head, KL, parameters, finite differences, hypergradients and every accumulation stay in the
             parameters' dtype (docs/hypergradients.md, "Mixed precision": measured errors, what to choose).
@@ -201,6 +202,7 @@ class GeSSLStep(nn.Module):
         self._process_group = None if process_group is None else weakref.ref(process_group)
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self._reached = (None, [])  # (input key, which parameters the step reaches): set by _check_model
+        self._batching_after_oom: dict[tuple, TaskBatching] = {}  # views shape → what "auto" fell back to
         if warn_nonsmooth and isinstance(hypergrad, FD):
             nonsmooth = sorted({type(m).__name__ for m in model.modules() if isinstance(m, NONSMOOTH_LAYERS)})
             if nonsmooth:
@@ -258,13 +260,18 @@ class GeSSLStep(nn.Module):
                                "()); build the step again with a live group, or with process_group=None")
         return group
 
-    @property
-    def task_batching_used(self) -> str:
-        """The strategy ``auto`` resolves to for the model's device."""
-        if self.task_batching != "auto":
-            return self.task_batching
-        device = next(iter(self.task_model.parameters())).device
-        return "loop" if device.type == "cpu" else "vmap"
+    def task_batching_for(self, views: Tensor) -> TaskBatching:
+        """How a step runs the tasks of ``views`` [M, 2, N, *input_shape]: ``task_batching`` as set, or what
+        ``"auto"`` picks for the model's device and this size (:func:`gessl_ext.batching.auto_batching`; after running
+        out of memory at this shape, the smaller chunks it fell back to)."""
+        if self.task_batching == "loop":
+            return TaskBatching("loop")
+        if self.task_batching == "vmap":
+            return TaskBatching("vmap", self.task_chunk_size)
+        if tuple(views.shape) in self._batching_after_oom:
+            return self._batching_after_oom[tuple(views.shape)]
+        chosen = auto_batching(next(iter(self.task_model.parameters())).device, views.shape)
+        return TaskBatching("vmap", self.task_chunk_size) if chosen.mode == "vmap" else chosen
 
     # -- internals --
 
@@ -299,13 +306,9 @@ class GeSSLStep(nn.Module):
         group = self.process_group
         self.ssl_loss.before_step(self.model)
         theta = self.task_model.flat_parameters()
-        batching = self.task_batching_used
-        task_fn = functools.partial(self._task, consts=self.task_model.constants(), vmapped=batching == "vmap")
-        stats = per_task_copies(self.task_model.running_stats(), views.shape[0])
         rank = 0 if group is None else torch.distributed.get_rank(group)
         seed = int(torch.randint(2**62, ())) + (rank << 32)  # task l's random stream: seed + l (randomness.RandomStreams)
-        total, (kl, ssl_loss, stats) = run_tasks(task_fn, theta, views, stats, batching, self.task_chunk_size,
-                                                 self.task_model.streams, seed)
+        total, (kl, ssl_loss, stats) = self._run_tasks(theta, views, seed)
         if group is not None:
             total, kl, ssl_loss, stats = reduce_across_ranks(total, kl, ssl_loss, stats, group)
             if self.ssl_loss.after_step_needs_all_views:
@@ -321,6 +324,30 @@ class GeSSLStep(nn.Module):
         else:
             self.skipped_steps += 1
         return hypergrad, out
+
+    def _run_tasks(self, theta: Tensor, views: Tensor, seed: int):
+        """:func:`run_tasks` as :meth:`task_batching_for` says; under ``"auto"``, out of device memory with vmap, again
+        with half the tasks per vmap call (fresh running-statistics copies, the same random streams) until it fits."""
+        batching = first = self.task_batching_for(views)
+        while True:
+            task_fn = functools.partial(self._task, consts=self.task_model.constants(), vmapped=batching.mode == "vmap")
+            stats = per_task_copies(self.task_model.running_stats(), views.shape[0])
+            try:
+                result = run_tasks(task_fn, theta, views, stats, batching.mode, batching.chunk,
+                                   self.task_model.streams, seed)
+                break
+            except torch.OutOfMemoryError:
+                if self.task_batching != "auto" or batching.mode == "loop":
+                    raise
+            del task_fn, stats   # outside the except clause: the failed attempt's tensors are freed before the next
+            batching = batching.halved(views.shape[0])
+        if batching != first:
+            self._batching_after_oom[tuple(views.shape)] = batching
+            warnings.warn(f"GeSSLStep ran out of device memory with task_batching='auto' ({first}) for views of shape "
+                          f"{tuple(views.shape)}; this and later steps of that shape run as {batching}. Set "
+                          "task_batching and task_chunk_size to choose yourself (docs/performance.md)",
+                          UserWarning, stacklevel=5)
+        return result
 
     def _check_model(self, views: Tensor) -> None:
         """Before anything changes: refuse compiled models; once per input shape and mode, check the model's

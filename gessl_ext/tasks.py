@@ -177,9 +177,10 @@ class TaskModel:
         buffers = dict(self.joint.named_buffers())
         return {n: buffers[n] for n in self.stat_names}
 
-    def call(self, theta: Tensor, x1: Tensor, x2: Tensor, what: str, consts, plain_batchnorm=False,
+    def call(self, theta: Tensor | dict[str, Tensor], x1: Tensor, x2: Tensor, what: str, consts, plain_batchnorm=False,
              record: list | None = None):
-        """Run the joint module at θ [P] on one task; running statistics are left alone. With a ``record`` list, the
+        """Run the joint module at θ (flat [P], or its per-parameter pieces as :meth:`FlatParams.unflatten` gives them)
+        on one task; running statistics are left alone. With a ``record`` list, the
         model's tracked norm layers append the statistics they would fold in (:func:`recording_statistics`), for
         :meth:`update_running_stats` to apply after the pass (outside any gradient transform, which refuses
         in-place writes to captured tensors).
@@ -188,10 +189,11 @@ class TaskModel:
         (:func:`_plain_norm`). Recurrent layers run as :func:`recurrent_forward`; random draws replay the task's
         stream (:class:`RandomStreams`).
         """
-        state = {**consts, **self.spec.unflatten(theta)}
+        params = theta if isinstance(theta, dict) else self.spec.unflatten(theta)
+        state, dtype = {**consts, **params}, next(iter(params.values())).dtype
         recording = recording_statistics(self.tracked_norms, record) if record is not None else contextlib.nullcontext()
         with running_stats_frozen(self._tracked), self._substitutes(plain_batchnorm), self.streams.replay(x1.device), \
-                self._mixed_precision(theta.dtype), recording, _own_tensors_restored(self._reused):
+                self._mixed_precision(dtype), recording, _own_tensors_restored(self._reused):
             return functional_call(self.joint, state, (x1, x2), {"what": what}, strict=False)
 
     def update_running_stats(self, stats: dict[str, Tensor], names: list[str], statistics) -> None:
@@ -308,9 +310,15 @@ class TaskProblem(InnerSGD):
 
     def hvp(self, theta: Tensor, v: Tensor) -> Tensor:
         """Exact Hessian-vector product ∇²ℓ(θ) v [P], forward-over-reverse (jvp of the gradient): under vmap
-        it is faster than double backward and works with BatchNorm, whose double backward does not batch."""
+        it is faster than double backward and works with BatchNorm, whose double backward does not batch.
+
+        The gradient is taken per parameter (:meth:`grad_pieces`) and only the tangent is made flat, after the
+        gradient itself is dropped: a flat gradient would concatenate both the gradient and its tangent inside the
+        transform, two more per-task parameter copies at the peak of an ``hvp`` step (bench/memory_meter.py)."""
+        spec = self.task_model.spec
         with self.second_order():
-            return self._unit_scaled(lambda u: jvp(self.grad, (theta,), (u,))[1], v)
+            return self._unit_scaled(lambda u: spec.flatten(jvp(self.grad_pieces, (theta,), (u,))[1]), v)
+
 
     def _unit_scaled(self, linear: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
         """``linear(v)`` for a linear map; under autocast computed as ‖v‖ · linear(v / ‖v‖), the scaling in the
@@ -333,6 +341,16 @@ class TaskProblem(InnerSGD):
     def grad(self, theta: Tensor) -> Tensor:
         """∇ℓ(θ) [P]."""
         return self.grad_and_value(self.loss, theta)[0]
+
+    def grad_pieces(self, theta: Tensor) -> tuple[Tensor, ...]:
+        """∇ℓ(θ) for θ [P] as one tensor per parameter: the values of ``grad(θ)`` without the flat copy that
+        concatenates them (a per-task parameter copy at the end of each pass)."""
+        loss, pullback = vjp(lambda params: self.call(params, "loss"), self.task_model.spec.unflatten(theta))
+        return tuple(pullback(torch.ones_like(loss))[0].values())
+
+    def pieces(self, flat: Tensor) -> tuple[Tensor, ...]:
+        """Views of a flat [P] vector (θ, u, a gradient), one per parameter, shaped like it (:meth:`grad_pieces`)."""
+        return tuple(self.task_model.spec.unflatten(flat).values())
 
     def grad_and_loss(self, theta: Tensor, stats=None) -> tuple[Tensor, Tensor]:
         """(∇ℓ(θ) [P], ℓ(θ)); BatchNorm ``stats`` copies, if given, take this pass's running-stat update: the pass
@@ -394,6 +412,10 @@ class EagerTaskProblem(TaskProblem):
             value, *aux = fn(x) if has_aux else (fn(x),)
             (grad_x,) = torch.autograd.grad(value, x, create_graph=differentiable)
         return (grad_x, value if differentiable else value.detach(), *aux)
+
+    # One piece, the flat gradient: one task at a time no copy is worth saving, and one kernel per update beats one
+    # per parameter (the loop is launch-bound on a GPU).
+    pieces, grad_pieces = InnerSGD.pieces, InnerSGD.grad_pieces
 
     def vjp(self, fn, theta, cotangent):
         x = theta.detach().requires_grad_()

@@ -52,6 +52,13 @@ def test_update_is_one_sgd_step_on_the_ssl_loss():
     expected = theta - ALPHA * grad
     for problem in (batched, eager):
         assert torch.allclose(problem.update(theta), expected, rtol=0, atol=1e-13)
+        iterate = theta.clone()
+        assert problem.update_(iterate) is iterate          # in place, parameter by parameter
+        assert torch.allclose(iterate, expected, rtol=0, atol=1e-13)
+        pieces = problem.grad_pieces(theta)
+        shapes = [p.shape for p in task_model.parameters()] if problem is batched else [theta.shape]
+        assert [p.shape for p in pieces] == [p.shape for p in problem.pieces(theta)] == shapes
+        assert torch.allclose(torch.cat([p.flatten() for p in pieces]), grad, rtol=0, atol=1e-13)
     assert torch.allclose(sgd_update(theta, grad, ALPHA), theta - ALPHA * grad, rtol=0, atol=1e-15)
 
 

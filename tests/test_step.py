@@ -212,10 +212,6 @@ def test_objective_without_embeds_views_once_runs_the_outer_forward_itself():
     assert rel(results[1], results[0]) < 1e-12
 
 
-def test_auto_batching_is_loop_on_cpu():
-    assert GeSSLStep(mlp(), SIMCLR).task_batching_used == "loop"
-
-
 def test_custom_head_with_the_same_contract():
     from gessl_ext import PairHead
 

@@ -25,19 +25,20 @@ def step_peak(model: nn.Module, views: torch.Tensor, hypergrad: str) -> int:
     return meter.peak_bytes
 
 
-def test_fd_passes_need_no_more_than_the_inner_loop_and_target():
+def test_fd_passes_and_target_steps_hold_three_parameter_copies():
     """A wide MLP on 4 inputs per view: the per-task parameter copies [M, P] are nearly all of the memory. The
-    finite-difference passes hold u, one perturbed point and the gradient being assembled (its layer pieces and
-    the flat vector): 4 copies, θᴷ freed, no more than the target's steps (θᴷ, the target iterate, a gradient), plus
-    the shared θ (1/M of a copy) and the activations (≈ 0.25). Before, θ + εu, θ − εu and θᴷ were alive together
-    as well: 6.5 copies."""
+    finite-difference passes hold u, one perturbed point and the gradient's per-parameter pieces (folded into u
+    piece by piece, never concatenated); the target's steps hold θᴷ, the target's iterate (updated in place after
+    its first step) and the gradient's pieces: 3 copies each, plus the shared θ (1/M of a copy) and the activations
+    (≈ 0.5). Measured 3.77 (fd) and 3.76 (first_order); before, θ + εu, θ − εu and θᴷ were alive together (6.5
+    copies), then the flat gradient and the target's second iterate (4.5)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 512), nn.Tanh(), nn.Linear(512, 16)).double()
     views = torch.randn(4, 2, 4, 16, dtype=torch.float64)
     copy = 4 * sum(p.numel() for p in model.parameters()) * 8       # M · P float64 values
     first_order, fd = step_peak(model, views, "first_order"), step_peak(model, views, "fd")
     assert fd <= 1.02 * first_order, (fd / copy, first_order / copy)
-    assert fd / copy < 4.75, fd / copy
+    assert first_order / copy < 4.0 and fd / copy < 4.0, (fd / copy, first_order / copy)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

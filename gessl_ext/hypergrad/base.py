@@ -3,6 +3,7 @@
 A method is called once per task as ``method(problem, trajectory, outer_grad) -> dL_l/dθ [P]``:
 
 * ``problem`` — the task's inner problem (:class:`gessl_ext.tasks.TaskProblem`): ``grad(θ)``, ``hvp(θ, u)``,
+  ``grad_pieces(θ)`` (∇ℓ(θ) per parameter, no flat copy) with ``layers(x)`` (a flat vector's per-parameter views),
   ``vjp(fn, θ, cotangent)``, ``second_order()``, ``inner_lr`` (α), ``use_kernels``, and the inner update with
   its derivative products from :class:`gessl_ext.inner.InnerSGD` (``update``, ``update_vjp``,
   ``proximal_matvec``, ``unroll``, ``inner_loop_vjp``). Differentiate through ``grad`` only with these: one

@@ -3,9 +3,10 @@
 H u ≈ (∇ℓ(θ + εu) − ∇ℓ(θ − εu)) / 2ε with ε = r / ‖u‖. Exact as r → 0 only when ∇ℓ is continuous;
 on ReLU / max-pool networks the quotient also counts gradient jumps (see docs/hypergradients.md).
 Memory: θ + εu is freed before θ − εu exists, and each gradient is folded into u in place as soon as it is
-computed (:func:`gessl_ext.inner.sgd_update_vjp_`), so a gradient pass holds u, one perturbed point and its own
-gradient: three per-task parameter copies. With ``problem.use_kernels`` the perturbation is the fused
-``gessl_ext.ops.fd_perturb`` (norm and axpy in one op on CUDA).
+computed (:func:`gessl_ext.inner.sgd_update_vjp_`), piece by piece (``problem.grad_pieces``: per parameter under
+vmap, never concatenated into a flat vector), so a gradient pass holds u, one perturbed point and its own gradient:
+three per-task parameter copies. With ``problem.use_kernels`` the perturbation is the fused ``gessl_ext.ops.fd_perturb``
+(norm and axpy in one op on CUDA).
 """
 from __future__ import annotations
 
@@ -36,13 +37,16 @@ class FD(Hypergradient):
         """u − αĤu at θ, Ĥu the central difference of ∇ℓ at θ ± εu, ε = radius / ‖u‖; computed in u's storage."""
         perturb = ops.fd_perturb if problem.use_kernels else ops.fd_perturb_reference
         theta_plus, eps = perturb(theta, u, self.radius)
-        g_plus = problem.grad(theta_plus)
+        g_plus = problem.grad_pieces(theta_plus)
         del theta_plus
         theta_minus, _ = perturb(theta, u, -self.radius)
         weight = (0.5 / eps).unsqueeze(-1)   # Ĥu = weight · (g₊ − g₋), one weight per task
-        sgd_update_vjp_(u, g_plus, weight, problem.inner_lr)
-        del g_plus
-        return sgd_update_vjp_(u, problem.grad(theta_minus), -weight, problem.inner_lr)
+        for u_part, g_part in zip(problem.pieces(u), g_plus):
+            sgd_update_vjp_(u_part, g_part, weight, problem.inner_lr)
+        del g_plus, g_part
+        for u_part, g_part in zip(problem.pieces(u), problem.grad_pieces(theta_minus)):
+            sgd_update_vjp_(u_part, g_part, -weight, problem.inner_lr)
+        return u
 
     def __call__(self, problem, trajectory, outer_grad):
         return reverse_through_sgd(trajectory, outer_grad, lambda theta, u: self.step_back(problem, theta, u))

@@ -79,7 +79,7 @@ OPTIONS = [
     Option("target_steps", 10, "int", "λ, further steps to the self-motivated target", minimum=0, metavar="LAMBDA"),
     Option("inner_lr", 0.05, "float", "α, inner SGD learning rate", minimum=1e-12),
     Option("head_temperature", 0.1, "float", "τ of the pair-classification head π", minimum=1e-6),
-    Option("task_batching", "auto", "str", "how GeSSLStep runs the tasks (auto: loop on CPU, vmap on GPU)",
+    Option("task_batching", "auto", "str", "how GeSSLStep runs the tasks (auto: by device and task size, see README)",
            choices=("auto", "vmap", "loop")),
     Option("task_chunk_size", None, "int", "tasks per vmap call", minimum=1, optional=True),
     # model and optimiser

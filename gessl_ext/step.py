@@ -12,6 +12,7 @@ L = mean_l L_l; dL/dθ is written to ``.grad`` so the user's optimizer applies E
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import warnings
 import weakref
@@ -75,10 +76,11 @@ def inner_loop(problem: TaskProblem, theta: Tensor, steps: int, stats):
 
 def self_motivated_target(problem: TaskProblem, adapted: AdaptedPoint, steps: int):
     """λ more SGD steps from θᴷ (the first from the adapted point's gradient, the others in place on the target's own
-    iterate); returns the target's embeddings (z1, z2), detached."""
+    iterate, which carries no graph: the gradient at θᴷ is detached, as θᴷ may record one for ``itd``); returns the
+    target's embeddings (z1, z2), detached."""
     theta = adapted.theta.detach()
     for step in range(steps):
-        theta = problem.update(theta, adapted.ssl_grad()) if step == 0 else problem.update_(theta)
+        theta = problem.update(theta, adapted.ssl_grad().detach()) if step == 0 else problem.update_(theta)
     with torch.no_grad():
         return tuple(z.detach() for z in problem.embed(theta))
 
@@ -260,6 +262,16 @@ class GeSSLStep(nn.Module):
                                "()); build the step again with a live group, or with process_group=None")
         return group
 
+    @property
+    def task_batching_used(self) -> str:
+        """Deprecated: what ``"auto"`` picks on the model's device for small tasks. ``"auto"`` now depends on the
+        task size too; :meth:`task_batching_for` answers for given views."""
+        warnings.warn("GeSSLStep.task_batching_used is deprecated: task_batching='auto' now depends on the task size; "
+                      "use step.task_batching_for(views)", FutureWarning, stacklevel=2)
+        if self.task_batching != "auto":
+            return self.task_batching
+        return "loop" if next(iter(self.task_model.parameters())).device.type == "cpu" else "vmap"
+
     def task_batching_for(self, views: Tensor) -> TaskBatching:
         """How a step runs the tasks of ``views`` [M, 2, N, *input_shape]: ``task_batching`` as set, or what
         ``"auto"`` picks for the model's device and this size (:func:`gessl_ext.batching.auto_batching`; after running
@@ -346,7 +358,7 @@ class GeSSLStep(nn.Module):
             warnings.warn(f"GeSSLStep ran out of device memory with task_batching='auto' ({first}) for views of shape "
                           f"{tuple(views.shape)}; this and later steps of that shape run as {batching}. Set "
                           "task_batching and task_chunk_size to choose yourself (docs/performance.md)",
-                          UserWarning, stacklevel=5)
+                          UserWarning, stacklevel=_caller_stacklevel())
         return result
 
     def _check_model(self, views: Tensor) -> None:
@@ -386,6 +398,18 @@ class GeSSLStep(nn.Module):
             raise ValueError(f"views are on {views.device} but the model is on {param.device}")
         if views.dtype != param.dtype:
             raise TypeError(f"views have dtype {views.dtype} but the model's parameters have {param.dtype}")
+
+
+_INTERNAL_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)  # torch, gessl_ext
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, for a warning issued by the calling function, that points at the first frame
+    outside gessl_ext and torch: the user's ``step(views)`` or ``step.surrogate(views)`` line."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _refuse_compiled(model: nn.Module) -> None:

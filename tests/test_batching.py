@@ -47,47 +47,68 @@ def test_explicit_settings_are_kept_whatever_the_size():
 
 @pytest.mark.parametrize("num_tasks, chunk, halved", [
     (8, None, TaskBatching("vmap", 4)), (8, 4, TaskBatching("vmap", 2)), (5, None, TaskBatching("vmap", 3)),
-    (8, 2, TaskBatching("loop")), (3, 3, TaskBatching("vmap", 2))])
+    (8, 2, TaskBatching("loop")), (3, 3, TaskBatching("vmap", 2)), (5, 64, TaskBatching("vmap", 3))])
 def test_halving_the_chunk_ends_in_the_loop(num_tasks, chunk, halved):
     assert TaskBatching("vmap", chunk).halved(num_tasks) == halved
 
 
-def _fail_above(limit, calls):
-    """run_tasks that runs out of memory (as the CUDA allocator reports it) for vmap chunks above ``limit`` tasks."""
-    run_tasks = gessl_ext.step.run_tasks
+class _OutOfMemoryAbove:
+    """A model's forward that runs out of memory (as the CUDA allocator reports it) in the middle of a vmapped attempt
+    over more than ``limit`` tasks: at its 6th call, after the tasks' first pass has updated their running-statistics
+    copies. ``attempts`` lists what each ``run_tasks`` call ran."""
 
-    def run(task_fn, theta, views, stats, batching, chunk, *args):
-        calls.append((batching, chunk))
-        if batching == "vmap" and (chunk or views.shape[0]) > limit:
-            for s in stats.values():   # a failed attempt has already updated some running-statistics copies
-                s.add_(1)
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return run_tasks(task_fn, theta, views, stats, batching, chunk, *args)
+    def __init__(self, monkeypatch, limit):
+        self.limit, self.attempts, self.calls = limit, [], 0
+        run_tasks = gessl_ext.step.run_tasks
 
-    return run
+        def run(task_fn, theta, views, stats, batching, chunk, *args):
+            self.attempts.append((batching, chunk))
+            self.calls = 0
+            return run_tasks(task_fn, theta, views, stats, batching, chunk, *args)
+
+        monkeypatch.setattr(gessl_ext.step, "run_tasks", run)
+
+    def wrap(self, model):
+        forward = model.forward
+
+        def failing(x):
+            self.calls += 1
+            batching, chunk = self.attempts[-1] if self.attempts else ("loop", None)
+            if batching == "vmap" and (chunk or 5) > self.limit and self.calls == 6:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return forward(x)
+
+        model.forward = failing
+        return model
 
 
 @pytest.mark.parametrize("limit, fallback", [(2, TaskBatching("vmap", 2)), (1, TaskBatching("loop"))])
-def test_auto_out_of_memory_falls_back_to_smaller_chunks_with_the_same_result(monkeypatch, limit, fallback):
-    """vmap over all 5 tasks runs out of memory: "auto" halves the chunk until it fits (3, then 2; or the loop) and
-    gets the loop's hypergradient and running statistics (float64, < 1e-12), warns once, and starts from the
-    smaller chunk at the next step of that shape; an explicit "vmap" raises the error instead."""
+@pytest.mark.parametrize("call", ["step", "surrogate"])
+def test_auto_out_of_memory_falls_back_to_smaller_chunks_with_the_same_result(monkeypatch, limit, fallback, call):
+    """vmap over all 5 tasks runs out of memory mid-pass: "auto" halves the chunk until it fits (3, then 2; or the
+    loop) and leaves the loop's .grad (added once to what was there) and running statistics (float64, < 1e-12), warns
+    once at the caller's line, and starts from the smaller chunk at the next step of that shape; an explicit "vmap"
+    raises the error instead."""
     monkeypatch.setattr(gessl_ext.step, "auto_batching", lambda device, shape: TaskBatching("vmap"))
-    calls = []
-    monkeypatch.setattr(gessl_ext.step, "run_tasks", _fail_above(limit, calls))
+    oom = _OutOfMemoryAbove(monkeypatch, limit)
     base, views = bn_convnet(), torch.randn(5, 2, 4, 1, 6, 6, dtype=torch.float64)
-    looped = copy.deepcopy(base)
-    GeSSLStep(looped, SIMCLR, hypergrad="hvp", target_steps=2, task_batching="loop")(views)
 
-    calls.clear()
+    def run(step):
+        for p in step.parameters():
+            p.grad = torch.ones_like(p)
+        (step.surrogate(views).backward() if call == "surrogate" else step(views))
+
+    looped = copy.deepcopy(base)
+    run(GeSSLStep(looped, SIMCLR, hypergrad="hvp", target_steps=2, task_batching="loop"))
+    oom.attempts.clear()
     model = copy.deepcopy(base)
-    step = GeSSLStep(model, SIMCLR, hypergrad="hvp", target_steps=2)
+    step = GeSSLStep(oom.wrap(model), SIMCLR, hypergrad="hvp", target_steps=2)
     with pytest.warns(UserWarning, match=r"out of device memory.*\(vmap over all tasks\)") as warned:
-        step(views)
-    ours = [str(w.message) for w in warned if "GeSSLStep" in str(w.message)]
-    assert len(ours) == 1 and f"run as {fallback}." in ours[0], ours
-    expected = [("vmap", None), ("vmap", 3)] + ([("vmap", 2)] if limit == 2 else [("vmap", 2), ("loop", None)])
-    assert calls == expected
+        run(step)
+    ours = [w for w in warned if "GeSSLStep" in str(w.message)]
+    assert len(ours) == 1 and f"run as {fallback}." in str(ours[0].message), [str(w.message) for w in ours]
+    assert ours[0].filename == __file__
+    assert oom.attempts == [("vmap", None), ("vmap", 3)] + ([("vmap", 2)] if limit == 2 else [("vmap", 2), ("loop", None)])
     assert step.task_batching_for(views) == fallback
     got = torch.cat([p.grad.flatten() for p in model.parameters()])
     want = torch.cat([p.grad.flatten() for p in looped.parameters()])
@@ -95,10 +116,15 @@ def test_auto_out_of_memory_falls_back_to_smaller_chunks_with_the_same_result(mo
     for (name, b), want_b in zip(model.named_buffers(), looped.buffers()):
         assert torch.allclose(b, want_b, rtol=1e-12, atol=1e-14), name
 
-    calls.clear()
-    step(views)
-    assert calls == [(fallback.mode, fallback.chunk)]
+    oom.attempts.clear()
+    run(step)
+    assert oom.attempts == [(fallback.mode, fallback.chunk)]
 
-    explicit = GeSSLStep(copy.deepcopy(base), SIMCLR, hypergrad="hvp", task_batching="vmap")
+    explicit = GeSSLStep(oom.wrap(copy.deepcopy(base)), SIMCLR, hypergrad="hvp", task_batching="vmap")
     with pytest.raises(torch.OutOfMemoryError):
         explicit(views)
+
+
+def test_task_batching_used_is_deprecated():
+    with pytest.warns(FutureWarning, match="task_batching_for"):
+        assert GeSSLStep(bn_convnet(), SIMCLR).task_batching_used == "loop"

@@ -29,16 +29,15 @@ def test_fd_passes_and_target_steps_hold_three_parameter_copies():
     """A wide MLP on 4 inputs per view: the per-task parameter copies [M, P] are nearly all of the memory. The
     finite-difference passes hold u, one perturbed point and the gradient's per-parameter pieces (folded into u
     piece by piece, never concatenated); the target's steps hold θᴷ, the target's iterate (updated in place after
-    its first step) and the gradient's pieces: 3 copies each, plus the shared θ (1/M of a copy) and the activations
-    (≈ 0.5). Measured 3.77 (fd) and 3.76 (first_order); before, θ + εu, θ − εu and θᴷ were alive together (6.5
-    copies), then the flat gradient and the target's second iterate (4.5)."""
+    its first step) and the gradient's pieces: 3 copies each, plus the shared θ (1/M of a copy) and the activations.
+    Measured 3.74 (fd) and 3.50 (first_order); before, θ + εu, θ − εu and θᴷ were alive together (6.5 copies),
+    then the flat gradient and the target's second iterate (4.5)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 512), nn.Tanh(), nn.Linear(512, 16)).double()
     views = torch.randn(4, 2, 4, 16, dtype=torch.float64)
     copy = 4 * sum(p.numel() for p in model.parameters()) * 8       # M · P float64 values
     first_order, fd = step_peak(model, views, "first_order"), step_peak(model, views, "fd")
-    assert fd <= 1.02 * first_order, (fd / copy, first_order / copy)
-    assert first_order / copy < 4.0 and fd / copy < 4.0, (fd / copy, first_order / copy)
+    assert first_order / copy < 3.6 and fd / copy < 3.8, (fd / copy, first_order / copy)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -56,3 +55,25 @@ def test_batchnorm_running_statistics_cost_no_activation_set(momentum):
     views = torch.randn(2, 2, 8, 3, 32, 32, dtype=torch.float64)
     tracked, untracked = step_peak(convnet(True), views, "fd"), step_peak(convnet(False), views, "fd")
     assert tracked <= 1.02 * untracked, tracked / untracked
+
+
+def test_target_steps_hold_no_graph_whatever_the_method_records():
+    """One task at a time, ``itd`` records the inner loop's graph, so θᴷ carries one; an objective that embeds each
+    view itself (no shared forward) takes the target's first gradient at that θᴷ. The target's iterate must not carry
+    a graph on: the peak of a step stays the same from λ = 2 to λ = 12 (it grew by a graph per target step)."""
+    class SeparateViews(losses.SimCLR):
+        embeds_views_once = False
+
+    def peak(target_steps):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 256), nn.Tanh(), nn.Linear(256, 16)).double()
+        step = GeSSLStep(model, SeparateViews(temperature=0.5), target_steps=target_steps, hypergrad="itd",
+                         task_batching="loop")
+        views = torch.randn(2, 2, 4, 16, dtype=torch.float64)
+        step(views)
+        with MemoryMeter() as meter:
+            step(views)
+        return meter.peak_bytes
+
+    short, long = peak(2), peak(12)
+    assert long <= 1.02 * short, long / short

@@ -3,9 +3,10 @@
 A method is called once per task as ``method(problem, trajectory, outer_grad) -> dL_l/dθ [P]``:
 
 * ``problem`` — the task's inner problem (:class:`gessl_ext.tasks.TaskProblem`): ``grad(θ)``, ``hvp(θ, u)``,
-  ``grad_pieces(θ)`` (∇ℓ(θ) per parameter, no flat copy) with ``layers(x)`` (a flat vector's per-parameter views),
+  ``grad_pieces(θ)`` (∇ℓ(θ) as a tuple of pieces: one per parameter under vmap, so no flat copy; one piece, the
+  flat gradient, one task at a time) with ``pieces(x)`` (a flat vector's views in the same pieces, to zip with it),
   ``vjp(fn, θ, cotangent)``, ``second_order()``, ``inner_lr`` (α), ``use_kernels``, and the inner update with
-  its derivative products from :class:`gessl_ext.inner.InnerSGD` (``update``, ``update_vjp``,
+  its derivative products from :class:`gessl_ext.inner.InnerSGD` (``update``, ``update_``, ``update_vjp``,
   ``proximal_matvec``, ``unroll``, ``inner_loop_vjp``). Differentiate through ``grad`` only with these: one
   task at a time they run on plain autograd, under ``vmap`` on ``torch.func``.
 * ``trajectory`` — [θ⁰ = θ, θ¹, …, θᴷ], the inner iterates (each [P]; K = len(trajectory) − 1). For a method

@@ -177,13 +177,12 @@ class TaskModel:
         buffers = dict(self.joint.named_buffers())
         return {n: buffers[n] for n in self.stat_names}
 
-    def call(self, theta: Tensor | dict[str, Tensor], x1: Tensor, x2: Tensor, what: str, consts, plain_batchnorm=False,
-             record: list | None = None):
+    def call(self, theta: Tensor | dict[str, Tensor], x1: Tensor, x2: Tensor, what: str, consts,
+             plain_batchnorm=False, record: list | None = None):
         """Run the joint module at θ (flat [P], or its per-parameter pieces as :meth:`FlatParams.unflatten` gives them)
-        on one task; running statistics are left alone. With a ``record`` list, the
-        model's tracked norm layers append the statistics they would fold in (:func:`recording_statistics`), for
-        :meth:`update_running_stats` to apply after the pass (outside any gradient transform, which refuses
-        in-place writes to captured tensors).
+        on one task; running statistics are left alone. With a ``record`` list, the model's tracked norm layers append
+        the statistics they would fold in (:func:`recording_statistics`), for :meth:`update_running_stats` to apply
+        after the pass (outside any gradient transform, which refuses in-place writes to captured tensors).
 
         ``plain_batchnorm`` (vmap + reverse-over-reverse) computes BatchNorm / InstanceNorm from elementary ops
         (:func:`_plain_norm`). Recurrent layers run as :func:`recurrent_forward`; random draws replay the task's
@@ -297,10 +296,9 @@ class TaskProblem(InnerSGD):
     def grad_and_value(self, fn: Callable, theta: Tensor, has_aux: bool = False):
         """(∇_θ fn(θ) [P], fn(θ)) for a scalar fn; with ``has_aux``, fn returns (value, aux) and this (grad, value, aux).
 
-        By the pullback of ``torch.func.vjp``, called once with ``retain_graph=False`` (:func:`_pull_back`):
-        ``torch.func.grad_and_value`` records its backward for a further derivative and so keeps every activation's
-        gradient alive until it returns, one more activation set at the end of each pass (bench/memory_meter.py; same
-        values).
+        By the pullback of ``torch.func.vjp``, called once (:func:`_pull_back`), not ``torch.func.grad_and_value``,
+        which records its backward for a further derivative and so keeps every activation's gradient alive until it
+        returns, one more activation set at the end of each pass (bench/memory_meter.py; same values).
         """
         value, pullback, *aux = vjp(fn, theta, has_aux=has_aux)
         return (_pull_back(pullback, torch.ones_like(value)), value, *aux)
@@ -319,7 +317,6 @@ class TaskProblem(InnerSGD):
         spec = self.task_model.spec
         with self.second_order():
             return self._unit_scaled(lambda u: spec.flatten(jvp(self.grad_pieces, (theta,), (u,))[1]), v)
-
 
     def _unit_scaled(self, linear: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
         """``linear(v)`` for a linear map; under autocast computed as ‖v‖ · linear(v / ‖v‖), the scaling in the
@@ -379,7 +376,7 @@ class TaskProblem(InnerSGD):
 def _pull_back(pullback: Callable, cotangent):
     """The one call of a ``torch.func.vjp`` pullback, its graph freed as the backward goes: the pullback keeps it by
     default (``retain_graph=True``, for calling it again), and with it every saved activation until the pass
-    returns, under the backward's own temporaries and gradients (bench/memory_meter.py: 1.67 → ?× a plain step for
+    returns, under the backward's own temporaries and gradients (bench/memory_meter.py: 1.67 → 1.41× a plain step for
     ``fd`` on ResNet-18 32px, M = 8, N = 32; same values)."""
     return pullback(cotangent, retain_graph=False)[0]
 

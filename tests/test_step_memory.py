@@ -77,3 +77,29 @@ def test_target_steps_hold_no_graph_whatever_the_method_records():
 
     short, long = peak(2), peak(12)
     assert long <= 1.02 * short, long / short
+
+
+def test_each_pass_frees_its_activations_as_its_backward_goes():
+    """A convnet whose first layers, at full resolution, hold most of the activations, which its backward reaches
+    last. A pass that kept its saved activations until the end of its backward (the default of a torch.func.vjp
+    pullback) would hold them all beneath the backward's temporaries there: 1.62× the plain union step for fd, where
+    freeing them as the backward goes gives 1.20× (the per-task parameter copies are small here)."""
+    def convnet() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16, track_running_stats=False), nn.Tanh(),
+            nn.Conv2d(16, 16, 3, padding=1), nn.Tanh(), nn.AvgPool2d(4), nn.Conv2d(16, 32, 3, padding=1), nn.Tanh(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten()).double()
+
+    views = torch.randn(2, 2, 8, 3, 32, 32, dtype=torch.float64)
+    model = convnet()
+
+    def plain_step():
+        z1, z2 = model(views.transpose(0, 1).reshape(-1, 3, 32, 32)).chunk(2)
+        SIMCLR.pair_loss(z1, z2).backward()
+
+    plain_step()
+    with MemoryMeter() as meter:
+        plain_step()
+    ratio = step_peak(convnet(), views, "fd") / meter.peak_bytes
+    assert ratio < 1.35, ratio

@@ -39,6 +39,8 @@ from .randomness import RandomStreams, fork_rng
 
 Tensor = torch.Tensor
 
+_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")   # a tracked norm layer's, in this order
+
 
 class FlatParams:
     """Maps a name → tensor dict of parameters to one flat vector [P] and back (as views)."""
@@ -148,8 +150,7 @@ class TaskModel:
         self._networks = [model] + ([momentum] if momentum is not None else [])
         self._lowered = [m for net in self._networks for m in net.modules() if type(m) in LOWERED_LAYERS]
         self.tracked_norms = {f"model.{n}": m for n, m in tracked_norms(model).items()}
-        self.stat_names = [f"{n}.{b}" for n in self.tracked_norms
-                           for b in ("running_mean", "running_var", "num_batches_tracked")]
+        self.stat_names = [f"{n}.{b}" for n in self.tracked_norms for b in _STAT_BUFFERS]
         self.streams = RandomStreams()
         self._layer_substitutes = layer_substitutes(self.joint)
         self._attention = [m for m in self.joint.modules() if isinstance(m, nn.MultiheadAttention) and m.dropout > 0]
@@ -199,8 +200,7 @@ class TaskModel:
         """Fold the statistics recorded by a pass (:meth:`call` with ``record``: layer ``names`` and their (mean,
         variance)) into the running-statistics copies ``stats`` in place, in call order, as the layers would have."""
         for name, (mean, var) in zip(names, statistics):
-            update_running_stats(self.tracked_norms[name], mean, var,
-                                 [stats[f"{name}.{b}"] for b in ("running_mean", "running_var", "num_batches_tracked")])
+            update_running_stats(self.tracked_norms[name], mean, var, [stats[f"{name}.{b}"] for b in _STAT_BUFFERS])
 
     @contextlib.contextmanager
     def _mixed_precision(self, dtype: torch.dtype):
@@ -281,10 +281,10 @@ class TaskProblem(InnerSGD):
         self.use_kernels = use_kernels
         self.plain_batchnorm = differentiates_inner_loop
 
-    def call(self, theta: Tensor, what: str, record: list | None = None):
+    def call(self, theta: Tensor | dict[str, Tensor], what: str, record: list | None = None):
         return self.task_model.call(theta, self.x1, self.x2, what, self.consts, self.plain_batchnorm, record)
 
-    def loss(self, theta: Tensor) -> Tensor:
+    def loss(self, theta: Tensor | dict[str, Tensor]) -> Tensor:
         return self.call(theta, "loss")
 
     def embed(self, theta: Tensor) -> tuple[Tensor, Tensor]:
@@ -295,6 +295,7 @@ class TaskProblem(InnerSGD):
 
     def grad_and_value(self, fn: Callable, theta: Tensor, has_aux: bool = False):
         """(∇_θ fn(θ) [P], fn(θ)) for a scalar fn; with ``has_aux``, fn returns (value, aux) and this (grad, value, aux).
+        θ may also be its per-parameter pieces (a name → tensor dict), and the gradient then comes in the same pieces.
 
         By the pullback of ``torch.func.vjp``, called once (:func:`_pull_back`), not ``torch.func.grad_and_value``,
         which records its backward for a further derivative and so keeps every activation's gradient alive until it
@@ -343,8 +344,7 @@ class TaskProblem(InnerSGD):
     def grad_pieces(self, theta: Tensor) -> tuple[Tensor, ...]:
         """∇ℓ(θ) for θ [P] as one tensor per parameter: the values of ``grad(θ)`` without the flat copy that
         concatenates them (a per-task parameter copy at the end of each pass)."""
-        loss, pullback = vjp(lambda params: self.call(params, "loss"), self.task_model.spec.unflatten(theta))
-        return tuple(_pull_back(pullback, torch.ones_like(loss)).values())
+        return tuple(self.grad_and_value(self.loss, self.task_model.spec.unflatten(theta))[0].values())
 
     def pieces(self, flat: Tensor) -> tuple[Tensor, ...]:
         """Views of a flat [P] vector (θ, u, a gradient), one per parameter, shaped like it (:meth:`grad_pieces`)."""

@@ -32,11 +32,12 @@ def sgd_update_vjp(u: Tensor, hessian_u: Tensor, lr: float) -> Tensor:
 
 
 def sgd_update_vjp_(u: Tensor, hessian_part: Tensor, weight: Tensor, lr: float) -> Tensor:
-    """In place, u ← u − α·weight·hessian_part; returns u. Folding the parts of Hu = Σᵢ weightᵢ·partᵢ one at a time
-    gives u − αHu without any part outliving its own fold: the central difference (g₊ − g₋)/2ε has parts g₊, g₋
-    with weights ±1/2ε. ``weight`` broadcasts against u ([..., 1]: one per task). (``addcmul_`` would save the
-    product's temporary but has no vmap batching rule.)"""
-    return u.add_(hessian_part * weight, alpha=-lr)
+    """In place, u ← u − α·weight·hessian_part; returns u, and ``hessian_part`` holds weight·hessian_part (scaled in
+    place: no temporary of its size; ``addcmul_`` would need none either but has no vmap batching rule). Folding the
+    parts of Hu = Σᵢ weightᵢ·partᵢ one at a time gives u − αHu without any part outliving its own fold: the central
+    difference (g₊ − g₋)/2ε has parts g₊, g₋ with weights ±1/2ε. ``weight`` broadcasts against u ([..., 1]: one
+    per task)."""
+    return u.add_(hessian_part.mul_(weight), alpha=-lr)
 
 
 def proximal_matvec(u: Tensor, hessian_u: Tensor, lr: float) -> Tensor:
@@ -69,9 +70,25 @@ class InnerSGD:
             yield
 
     def pieces(self, flat: Tensor) -> tuple[Tensor, ...]:
-        """Views of a flat [P] vector (θ, u, a gradient) in the pieces :meth:`grad_pieces` computes gradients in; here
-        one piece, the whole vector."""
+        """Views of a flat [P] vector (θ, u, a gradient) in the pieces :meth:`grad_pieces` computes gradients in, or the
+        pieces of a :meth:`point`; here one piece, the whole vector."""
         return (flat,)
+
+    def point(self, pieces) -> Tensor:
+        """The point θ made of ``pieces`` (in :meth:`pieces`' order), as the evaluations (:meth:`grad_pieces`,
+        :meth:`update_`, ``embed``) take it without joining them into a flat copy; here the one piece itself."""
+        (flat,) = pieces
+        return flat
+
+    def point_from_flat(self, flat: Tensor) -> Tensor:
+        """The point of a fresh flat vector [P] that nothing else holds, in the form the model runs fastest at; here the
+        vector itself (:class:`gessl_ext.tasks.TaskProblem`: per-parameter copies)."""
+        return flat
+
+    def stepped(self, theta, grads) -> Tensor:
+        """A new point θ − αg (Eq. 2) made piece by piece from θ (flat or a :meth:`point`) and g's pieces ``grads``
+        (:meth:`grad_pieces`): under vmap a per-parameter point, with no flat copy of θ or g."""
+        return self.point(tuple(sgd_update(part, grad, self.inner_lr) for part, grad in zip(self.pieces(theta), grads)))
 
     def grad_pieces(self, theta: Tensor) -> tuple[Tensor, ...]:
         """∇ℓ(θ) in the pieces of :meth:`pieces`, for updating a vector piece by piece (``fd``, :meth:`update_`)."""
@@ -81,9 +98,10 @@ class InnerSGD:
         """θ − α∇ℓ(θ) [P]; ``grad`` = ∇ℓ(θ) when already computed."""
         return sgd_update(theta, self.grad(theta) if grad is None else grad, self.inner_lr)
 
-    def update_(self, theta: Tensor) -> Tensor:
-        """θ ← θ − α∇ℓ(θ) in place, piece by piece (:meth:`grad_pieces`); returns θ. Holds no second iterate and, with
-        per-parameter pieces, no flat gradient; for an iterate that no graph and no one else holds."""
+    def update_(self, theta):
+        """θ ← θ − α∇ℓ(θ) in place, piece by piece (:meth:`grad_pieces`); θ flat or a :meth:`point`; returns θ. Holds no
+        second iterate and, with per-parameter pieces, no flat gradient; for an iterate that no graph and no one else
+        holds."""
         for part, grad in zip(self.pieces(theta), self.grad_pieces(theta)):
             sgd_update_(part, grad, self.inner_lr)
         return theta

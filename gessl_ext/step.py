@@ -75,12 +75,15 @@ def inner_loop(problem: TaskProblem, theta: Tensor, steps: int, stats):
 
 
 def self_motivated_target(problem: TaskProblem, adapted: AdaptedPoint, steps: int):
-    """λ more SGD steps from θᴷ (the first from the adapted point's gradient, the others in place on the target's own
-    iterate, which carries no graph: the gradient at θᴷ is detached, as θᴷ may record one for ``itd``); returns the
-    target's embeddings (z1, z2), detached."""
+    """λ more SGD steps from θᴷ (the first from the adapted point's gradient into a new per-parameter point, the others
+    in place on it; it carries no graph: the gradient at θᴷ is detached, as θᴷ may record one for ``itd``); returns
+    the target's embeddings (z1, z2), detached."""
     theta = adapted.theta.detach()
     for step in range(steps):
-        theta = problem.update(theta, adapted.ssl_grad().detach()) if step == 0 else problem.update_(theta)
+        if step == 0:
+            theta = problem.stepped(theta, [grad.detach() for grad in adapted.ssl_grad_pieces()])
+        else:
+            problem.update_(theta)
     with torch.no_grad():
         return tuple(z.detach() for z in problem.embed(theta))
 

@@ -341,14 +341,26 @@ class TaskProblem(InnerSGD):
         """∇ℓ(θ) [P]."""
         return self.grad_and_value(self.loss, theta)[0]
 
-    def grad_pieces(self, theta: Tensor) -> tuple[Tensor, ...]:
-        """∇ℓ(θ) for θ [P] as one tensor per parameter: the values of ``grad(θ)`` without the flat copy that
-        concatenates them (a per-task parameter copy at the end of each pass)."""
-        return tuple(self.grad_and_value(self.loss, self.task_model.spec.unflatten(theta))[0].values())
+    def grad_pieces(self, theta: Tensor | dict[str, Tensor]) -> tuple[Tensor, ...]:
+        """∇ℓ(θ) for θ [P] or a :meth:`point`, as one tensor per parameter: the values of ``grad(θ)`` without the flat
+        copy that concatenates them (a per-task parameter copy at the end of each pass)."""
+        params = theta if isinstance(theta, dict) else self.task_model.spec.unflatten(theta)
+        return tuple(self.grad_and_value(self.loss, params)[0].values())
 
-    def pieces(self, flat: Tensor) -> tuple[Tensor, ...]:
-        """Views of a flat [P] vector (θ, u, a gradient), one per parameter, shaped like it (:meth:`grad_pieces`)."""
-        return tuple(self.task_model.spec.unflatten(flat).values())
+    def pieces(self, flat: Tensor | dict[str, Tensor]) -> tuple[Tensor, ...]:
+        """Views of a flat [P] vector (θ, u, a gradient), one per parameter, shaped like it (:meth:`grad_pieces`); or
+        the pieces of a :meth:`point`."""
+        return tuple((flat if isinstance(flat, dict) else self.task_model.spec.unflatten(flat)).values())
+
+    def point(self, pieces) -> dict[str, Tensor]:
+        """θ as its per-parameter pieces (a name → tensor dict, no copy), which every evaluation takes."""
+        return dict(zip(self.task_model.spec.names, pieces))
+
+    def point_from_flat(self, flat: Tensor) -> dict[str, Tensor]:
+        """Per-parameter copies of a fresh flat vector [P] that nothing else holds (it is freed): under vmap each
+        parameter of a flat [M, P] is a slice strided by P, which a batched convolution copies in every pass and keeps
+        for its backward, one more per-task parameter copy at the pass's peak (bench/memory_meter.py)."""
+        return self.point(tuple(piece.clone() for piece in self.pieces(flat)))
 
     def grad_and_loss(self, theta: Tensor, stats=None) -> tuple[Tensor, Tensor]:
         """(∇ℓ(θ) [P], ℓ(θ)); BatchNorm ``stats`` copies, if given, take this pass's running-stat update: the pass
@@ -382,15 +394,16 @@ def _pull_back(pullback: Callable, cotangent):
 
 
 class AdaptedPoint:
-    """The model at the adapted weights θᴷ: ``ssl_grad()`` = ∇ℓ(θᴷ) (the target's first step) and
+    """The model at the adapted weights θᴷ: ``ssl_grad_pieces()`` = ∇ℓ(θᴷ) in the problem's pieces (the target's first
+    step) and
     ``outer_grad_and_value(outer)`` = (∂/∂θᴷ, value) of ``outer(z1, z2)`` on the embeddings at θᴷ.
     Here each is its own pass; :class:`EagerTaskProblem` shares one forward between them."""
 
     def __init__(self, problem: TaskProblem, theta: Tensor):
         self.problem, self.theta = problem, theta
 
-    def ssl_grad(self) -> Tensor:
-        return self.problem.grad(self.theta)
+    def ssl_grad_pieces(self) -> tuple[Tensor, ...]:
+        return self.problem.grad_pieces(self.theta)
 
     def outer_grad_and_value(self, outer: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
         return self.problem.grad_and_value(lambda theta: outer(*self.problem.embed(theta)), self.theta)
@@ -421,7 +434,7 @@ class EagerTaskProblem(TaskProblem):
 
     # One piece, the flat gradient: one task at a time no copy is worth saving, and one kernel per update beats one
     # per parameter (the loop is launch-bound on a GPU).
-    pieces, grad_pieces = InnerSGD.pieces, InnerSGD.grad_pieces
+    pieces, grad_pieces, point, point_from_flat = InnerSGD.pieces, InnerSGD.grad_pieces, InnerSGD.point, InnerSGD.point_from_flat
 
     def vjp(self, fn, theta, cotangent):
         x = theta.detach().requires_grad_()
@@ -440,7 +453,7 @@ class EagerTaskProblem(TaskProblem):
 
 
 class _SharedForwardPoint(AdaptedPoint):
-    """One forward at θᴷ yields ℓ and the embeddings; its graph serves both backward passes. ``ssl_grad``
+    """One forward at θᴷ yields ℓ and the embeddings; its graph serves both backward passes. ``ssl_grad_pieces``
     must come first (it keeps the graph; ``outer_grad_and_value`` frees it)."""
 
     def __init__(self, problem: EagerTaskProblem, theta: Tensor):
@@ -449,8 +462,8 @@ class _SharedForwardPoint(AdaptedPoint):
         with torch.enable_grad():
             self.loss, self.z1, self.z2 = problem.call(self.leaf, "loss_and_embed")
 
-    def ssl_grad(self):
-        return torch.autograd.grad(self.loss, self.leaf, retain_graph=True)[0]
+    def ssl_grad_pieces(self):
+        return self.problem.pieces(torch.autograd.grad(self.loss, self.leaf, retain_graph=True)[0])
 
     def outer_grad_and_value(self, outer):
         with torch.enable_grad():

@@ -2,11 +2,12 @@
 
 H u ≈ (∇ℓ(θ + εu) − ∇ℓ(θ − εu)) / 2ε with ε = r / ‖u‖. Exact as r → 0 only when ∇ℓ is continuous;
 on ReLU / max-pool networks the quotient also counts gradient jumps (see docs/hypergradients.md).
-Memory: θ + εu is freed before θ − εu exists, and each gradient is folded into u in place as soon as it is
-computed (:func:`gessl_ext.inner.sgd_update_vjp_`), piece by piece (``problem.grad_pieces``: per parameter under
-vmap, never concatenated into a flat vector), so a gradient pass holds u, one perturbed point and its own gradient:
-three per-task parameter copies. With ``problem.use_kernels`` the perturbation is the fused ``gessl_ext.ops.fd_perturb``
-(norm and axpy in one op on CUDA).
+Memory: θ − εu is written over θ + εu once ∇ℓ(θ + εu) is computed, and each gradient is folded into u in place
+(:func:`gessl_ext.inner.sgd_update_vjp_`), piece by piece (``problem.grad_pieces``: per parameter under vmap, never
+concatenated into a flat vector), so a gradient pass holds u, one perturbed point and its own gradient: three
+per-task parameter copies. Under vmap the point is per-parameter tensors (``problem.point_from_flat``), which batched
+convolutions use as they are instead of copying each weight in every pass. With ``problem.use_kernels``, θ + εu is
+the fused ``gessl_ext.ops.fd_perturb`` (norm and axpy in one op on CUDA).
 """
 from __future__ import annotations
 
@@ -36,15 +37,16 @@ class FD(Hypergradient):
     def step_back(self, problem, theta, u):
         """u − αĤu at θ, Ĥu the central difference of ∇ℓ at θ ± εu, ε = radius / ‖u‖; computed in u's storage."""
         perturb = ops.fd_perturb if problem.use_kernels else ops.fd_perturb_reference
-        theta_plus, eps = perturb(theta, u, self.radius)
-        g_plus = problem.grad_pieces(theta_plus)
-        del theta_plus
-        theta_minus, _ = perturb(theta, u, -self.radius)
+        point, eps = perturb(theta, u, self.radius)
+        point = problem.point_from_flat(point)                  # θ + εu
+        g_plus = problem.grad_pieces(point)
+        for part, theta_part, u_part in zip(problem.pieces(point), problem.pieces(theta), problem.pieces(u)):
+            part.copy_(u_part).mul_(-eps).add_(theta_part)      # θ − εu in θ + εu's storage (no temporary), before u changes
         weight = (0.5 / eps).unsqueeze(-1)   # Ĥu = weight · (g₊ − g₋), one weight per task
         for u_part, g_part in zip(problem.pieces(u), g_plus):
             sgd_update_vjp_(u_part, g_part, weight, problem.inner_lr)
         del g_plus, g_part
-        for u_part, g_part in zip(problem.pieces(u), problem.grad_pieces(theta_minus)):
+        for u_part, g_part in zip(problem.pieces(u), problem.grad_pieces(point)):
             sgd_update_vjp_(u_part, g_part, -weight, problem.inner_lr)
         return u
 

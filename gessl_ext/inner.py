@@ -32,12 +32,12 @@ def sgd_update_vjp(u: Tensor, hessian_u: Tensor, lr: float) -> Tensor:
 
 
 def sgd_update_vjp_(u: Tensor, hessian_part: Tensor, weight: Tensor, lr: float) -> Tensor:
-    """In place, u ← u − α·weight·hessian_part; returns u, and ``hessian_part`` holds weight·hessian_part (scaled in
-    place: no temporary of its size; ``addcmul_`` would need none either but has no vmap batching rule). Folding the
-    parts of Hu = Σᵢ weightᵢ·partᵢ one at a time gives u − αHu without any part outliving its own fold: the central
-    difference (g₊ − g₋)/2ε has parts g₊, g₋ with weights ±1/2ε. ``weight`` broadcasts against u ([..., 1]: one
-    per task)."""
-    return u.add_(hessian_part.mul_(weight), alpha=-lr)
+    """In place, u ← u − α·weight·hessian_part; returns u. Folding the parts of Hu = Σᵢ weightᵢ·partᵢ one at a time
+    gives u − αHu without any part outliving its own fold: the central difference (g₊ − g₋)/2ε has parts g₊, g₋
+    with weights ±1/2ε. ``weight`` broadcasts against u ([..., 1]: one per task). The product is a temporary of the
+    part's size: ``addcmul_`` has no vmap batching rule, and scaling the part in place would scale twice a gradient
+    that autograd hands to two parameters as one tensor (a weight used as ``a + b``)."""
+    return u.add_(hessian_part * weight, alpha=-lr)
 
 
 def proximal_matvec(u: Tensor, hessian_u: Tensor, lr: float) -> Tensor:
@@ -51,9 +51,10 @@ class InnerSGD:
     The problem supplies ``inner_lr`` (α), ``grad(θ)`` = ∇ℓ(θ) [P], ``hvp(θ, u)`` = H(θ)u [P],
     ``vjp(fn, θ, cotangent)`` and ``second_order()``; this class builds the loop and its derivative products
     from them. A problem whose gradients come in pieces (one per parameter, without a flat copy) overrides
-    :meth:`pieces` and :meth:`grad_pieces`. ``recorded_graph`` is True on a problem whose :meth:`start` makes the inner
-    loop record its autograd graph (one task at a time, for a strategy that differentiates the loop); then
-    :meth:`inner_loop_vjp` differentiates that graph instead of running the loop again.
+    :meth:`pieces`, :meth:`grad_pieces`, :meth:`point` and :meth:`point_from_flat`. ``recorded_graph`` is True on a
+    problem whose :meth:`start` makes the inner loop record its autograd graph (one task at a time, for a strategy
+    that differentiates the loop); then :meth:`inner_loop_vjp` differentiates that graph instead of running the loop
+    again.
     """
 
     recorded_graph = False
@@ -74,21 +75,28 @@ class InnerSGD:
         pieces of a :meth:`point`; here one piece, the whole vector."""
         return (flat,)
 
-    def point(self, pieces) -> Tensor:
-        """The point θ made of ``pieces`` (in :meth:`pieces`' order), as the evaluations (:meth:`grad_pieces`,
-        :meth:`update_`, ``embed``) take it without joining them into a flat copy; here the one piece itself."""
+    def point(self, pieces):
+        """The point θ made of ``pieces`` (in :meth:`pieces`' order) without joining them into a flat copy; here the one
+        piece itself. :meth:`pieces`, :meth:`grad_pieces`, :meth:`update_`, :meth:`stepped`, ``loss`` and ``embed``
+        take a point like a flat θ; ``grad``, ``hvp``, ``update`` and ``vjp`` take a flat θ only."""
         (flat,) = pieces
         return flat
 
-    def point_from_flat(self, flat: Tensor) -> Tensor:
-        """The point of a fresh flat vector [P] that nothing else holds, in the form the model runs fastest at; here the
-        vector itself (:class:`gessl_ext.tasks.TaskProblem`: per-parameter copies)."""
+    def point_from_flat(self, flat: Tensor):
+        """The point of ``flat`` [P], a fresh vector that nothing else holds (it may be the point's own storage, and is
+        written through it), in the form the model runs fastest at; here ``flat`` itself
+        (:class:`gessl_ext.tasks.TaskProblem`: per-parameter copies)."""
         return flat
 
-    def stepped(self, theta, grads) -> Tensor:
-        """A new point θ − αg (Eq. 2) made piece by piece from θ (flat or a :meth:`point`) and g's pieces ``grads``
-        (:meth:`grad_pieces`): under vmap a per-parameter point, with no flat copy of θ or g."""
-        return self.point(tuple(sgd_update(part, grad, self.inner_lr) for part, grad in zip(self.pieces(theta), grads)))
+    def stepped(self, theta, grads):
+        """A new point (:meth:`point`) θ − αg (Eq. 2), made piece by piece from θ (flat or a point) and g's pieces
+        ``grads`` (:meth:`grad_pieces`; ValueError if their count differs): under vmap per-parameter tensors, with
+        no flat copy of θ or g; one task at a time the flat vector."""
+        parts, grads = self.pieces(theta), tuple(grads)
+        if len(grads) != len(parts):
+            raise ValueError(f"stepped: {len(grads)} gradient pieces for the {len(parts)} pieces of θ; pass the "
+                             "gradient as problem.grad_pieces(θ) gives it, or a flat one as problem.pieces(g)")
+        return self.point(tuple(sgd_update(part, grad, self.inner_lr) for part, grad in zip(parts, grads)))
 
     def grad_pieces(self, theta: Tensor) -> tuple[Tensor, ...]:
         """∇ℓ(θ) in the pieces of :meth:`pieces`, for updating a vector piece by piece (``fd``, :meth:`update_`)."""
@@ -102,7 +110,7 @@ class InnerSGD:
         """θ ← θ − α∇ℓ(θ) in place, piece by piece (:meth:`grad_pieces`); θ flat or a :meth:`point`; returns θ. Holds no
         second iterate and, with per-parameter pieces, no flat gradient; for an iterate that no graph and no one else
         holds."""
-        for part, grad in zip(self.pieces(theta), self.grad_pieces(theta)):
+        for part, grad in zip(self.pieces(theta), self.grad_pieces(theta), strict=True):
             sgd_update_(part, grad, self.inner_lr)
         return theta
 

@@ -75,9 +75,9 @@ def inner_loop(problem: TaskProblem, theta: Tensor, steps: int, stats):
 
 
 def self_motivated_target(problem: TaskProblem, adapted: AdaptedPoint, steps: int):
-    """λ more SGD steps from θᴷ (the first from the adapted point's gradient into a new per-parameter point, the others
-    in place on it; it carries no graph: the gradient at θᴷ is detached, as θᴷ may record one for ``itd``); returns
-    the target's embeddings (z1, z2), detached."""
+    """λ more SGD steps from θᴷ (the first from the adapted point's gradient into a new point, per-parameter tensors
+    under vmap, the others in place on it; it carries no graph: the gradient at θᴷ is detached, as θᴷ may record one
+    for ``itd``); returns the target's embeddings (z1, z2), detached."""
     theta = adapted.theta.detach()
     for step in range(steps):
         if step == 0:

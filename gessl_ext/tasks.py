@@ -353,8 +353,9 @@ class TaskProblem(InnerSGD):
         return tuple((flat if isinstance(flat, dict) else self.task_model.spec.unflatten(flat)).values())
 
     def point(self, pieces) -> dict[str, Tensor]:
-        """θ as its per-parameter pieces (a name → tensor dict, no copy), which every evaluation takes."""
-        return dict(zip(self.task_model.spec.names, pieces))
+        """θ as its per-parameter pieces in :meth:`pieces`' order (a name → tensor dict, no copy; InnerSGD.point says
+        what takes one)."""
+        return dict(zip(self.task_model.spec.names, pieces, strict=True))
 
     def point_from_flat(self, flat: Tensor) -> dict[str, Tensor]:
         """Per-parameter copies of a fresh flat vector [P] that nothing else holds (it is freed): under vmap each
@@ -394,8 +395,8 @@ def _pull_back(pullback: Callable, cotangent):
 
 
 class AdaptedPoint:
-    """The model at the adapted weights θᴷ: ``ssl_grad_pieces()`` = ∇ℓ(θᴷ) in the problem's pieces (the target's first
-    step) and
+    """The model at the adapted weights θᴷ: ``ssl_grad_pieces()`` = ∇ℓ(θᴷ) in the problem's pieces (for the target's
+    first step) and
     ``outer_grad_and_value(outer)`` = (∂/∂θᴷ, value) of ``outer(z1, z2)`` on the embeddings at θᴷ.
     Here each is its own pass; :class:`EagerTaskProblem` shares one forward between them."""
 
@@ -432,9 +433,10 @@ class EagerTaskProblem(TaskProblem):
             (grad_x,) = torch.autograd.grad(value, x, create_graph=differentiable)
         return (grad_x, value if differentiable else value.detach(), *aux)
 
-    # One piece, the flat gradient: one task at a time no copy is worth saving, and one kernel per update beats one
-    # per parameter (the loop is launch-bound on a GPU).
-    pieces, grad_pieces, point, point_from_flat = InnerSGD.pieces, InnerSGD.grad_pieces, InnerSGD.point, InnerSGD.point_from_flat
+    # One piece, the flat gradient (and a point is the flat θ): one task at a time no copy is worth saving, and one
+    # kernel per update beats one per parameter (the loop is launch-bound on a GPU).
+    pieces, grad_pieces = InnerSGD.pieces, InnerSGD.grad_pieces
+    point, point_from_flat = InnerSGD.point, InnerSGD.point_from_flat
 
     def vjp(self, fn, theta, cotangent):
         x = theta.detach().requires_grad_()

@@ -59,6 +59,20 @@ def test_update_is_one_sgd_step_on_the_ssl_loss():
         shapes = [p.shape for p in task_model.parameters()] if problem is batched else [theta.shape]
         assert [p.shape for p in pieces] == [p.shape for p in problem.pieces(theta)] == shapes
         assert torch.allclose(torch.cat([p.flatten() for p in pieces]), grad, rtol=0, atol=1e-13)
+        # a point (per-parameter tensors when batched, the flat θ one at a time) steps and differentiates like θ
+        cat = lambda parts: torch.cat([p.flatten() for p in parts])  # noqa: E731
+        point = problem.stepped(theta, pieces)
+        assert torch.allclose(cat(problem.pieces(point)), expected, rtol=0, atol=1e-13)
+        with pytest.raises(ValueError, match="gradient pieces"):   # in other pieces than θ's (e.g. flat, batched)
+            problem.stepped(theta, (grad,) if problem is batched else (grad, grad))
+        fresh = theta.clone()
+        owned = problem.point_from_flat(fresh)     # batched: per-parameter copies; one at a time: the vector itself
+        shared = [p.untyped_storage().data_ptr() == fresh.untyped_storage().data_ptr() for p in problem.pieces(owned)]
+        assert shared == ([False] * len(shapes) if problem is batched else [True])
+        assert torch.allclose(cat(problem.grad_pieces(owned)), grad, rtol=0, atol=1e-13)
+        second = cat(problem.grad_pieces(point))
+        assert problem.update_(point) is point
+        assert torch.allclose(cat(problem.pieces(point)), expected - ALPHA * second, rtol=0, atol=1e-13)
     assert torch.allclose(sgd_update(theta, grad, ALPHA), theta - ALPHA * grad, rtol=0, atol=1e-15)
 
 

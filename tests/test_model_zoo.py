@@ -8,7 +8,9 @@ Each model is scaled down to run in about a second on the CPU (torchvision's own
 * ``convnext``: torchvision's ConvNeXt with two one-block stages (LayerNorm2d, GELU, layer scale, stochastic depth);
 * ``vit``: torchvision's VisionTransformer, one layer, width 8 (attention with dropout, LayerNorm, GELU);
 * ``gru``: a GRU reading the 8 rows of an 8×8 image;
-* ``tied_frozen_buffers``: tied weights, a frozen layer, buffers and a head the embedding never uses.
+* ``tied_frozen_buffers``: tied weights, a frozen layer, buffers and a head the embedding never uses;
+* ``reparametrised``: a weight used as base + delta and a parameter used only through its sum (gradients that
+  autograd hands out aliased or expanded).
 
 References: ``hvp`` and ``itd`` against the exact unrolled per-task autograd step (tests/reference.py),
 ``first_order`` against its ∂L/∂θᴷ, ``fd`` against the independent per-task finite-difference baseline
@@ -93,6 +95,21 @@ class TiedFrozenBuffers(nn.Module):
         return self.out(h)
 
 
+class Reparametrised(nn.Module):
+    """A weight used as base + delta (LoRA-style: autograd hands both the same gradient tensor) and a gate that enters
+    only through its sum (its gradient is one value expanded, stride 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Parameter(0.4 * torch.randn(16, 64))
+        self.delta = nn.Parameter(0.1 * torch.randn(16, 64))
+        self.gate = nn.Parameter(torch.full((4,), 0.25))
+        self.out = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.out(torch.tanh(nn.functional.linear(x.flatten(1), self.base + self.delta)) * self.gate.sum())
+
+
 # name: (builder, input shape, smooth (fd converges), stochastic layers)
 ZOO = {
     "resnet18": (resnet18, (3, 16, 16), False, False),
@@ -103,6 +120,7 @@ ZOO = {
     "vit": (vit, (3, 16, 16), True, True),
     "gru": (GRUEncoder, (1, 8, 8), True, False),
     "tied_frozen_buffers": (TiedFrozenBuffers, (1, 8, 8), True, False),
+    "reparametrised": (Reparametrised, (1, 8, 8), True, False),
 }
 METHODS = {"fd": FD(radius=RADIUS), "hvp": "hvp", "itd": "itd", "first_order": "first_order"}
 SEED = 1234  # the step's random streams: seed + l for task l, seed = randint(2**62) after manual_seed(SEED)

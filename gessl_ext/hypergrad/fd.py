@@ -40,13 +40,14 @@ class FD(Hypergradient):
         point, eps = perturb(theta, u, self.radius)
         point = problem.point_from_flat(point)                  # θ + εu
         g_plus = problem.grad_pieces(point)
-        for part, theta_part, u_part in zip(problem.pieces(point), problem.pieces(theta), problem.pieces(u)):
-            part.copy_(u_part).mul_(-eps).add_(theta_part)      # θ − εu in θ + εu's storage (no temporary), before u changes
+        parts = zip(problem.pieces(point), problem.pieces(theta), problem.pieces(u), strict=True)
+        for part, theta_part, u_part in parts:      # θ − εu in θ + εu's storage, with no temporary, before u changes
+            part.copy_(u_part).mul_(-eps).add_(theta_part)
         weight = (0.5 / eps).unsqueeze(-1)   # Ĥu = weight · (g₊ − g₋), one weight per task
-        for u_part, g_part in zip(problem.pieces(u), g_plus):
+        for u_part, g_part in zip(problem.pieces(u), g_plus, strict=True):
             sgd_update_vjp_(u_part, g_part, weight, problem.inner_lr)
         del g_plus, g_part
-        for u_part, g_part in zip(problem.pieces(u), problem.grad_pieces(point)):
+        for u_part, g_part in zip(problem.pieces(u), problem.grad_pieces(point), strict=True):
             sgd_update_vjp_(u_part, g_part, -weight, problem.inner_lr)
         return u
 

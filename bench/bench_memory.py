@@ -52,6 +52,7 @@ WORKLOADS = {
     # the GPU measurement's configuration (../shared/gpu/h200-2026-11-30: fd peak 4.1x, M = 8, N = 16)
     "resnet18-32px-M8-N16": Workload("resnet18", 3, 32, num_tasks=8, task_size=16),
     "resnet18-32px-M8-N32": Workload("resnet18", 3, 32, num_tasks=8, task_size=32),   # issue 16's target size
+    "resnet18-32px-M8-N128": Workload("resnet18", 3, 32, num_tasks=8, task_size=128),  # its other size: 10 GiB, 45 min
 }
 DEFAULT_WORKLOADS = ("convnet-M4-N8", "convnet-M8-N16", "resnet18-16px-M4-N8")
 METHODS = ("fd", "hvp", "itd", "first_order")

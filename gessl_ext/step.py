@@ -273,7 +273,7 @@ class GeSSLStep(nn.Module):
                       "use step.task_batching_for(views)", FutureWarning, stacklevel=2)
         if self.task_batching != "auto":
             return self.task_batching
-        return "loop" if next(iter(self.task_model.parameters())).device.type == "cpu" else "vmap"
+        return auto_batching(next(iter(self.task_model.parameters())).device, (1,)).mode   # views of the smallest task
 
     def task_batching_for(self, views: Tensor) -> TaskBatching:
         """How a step runs the tasks of ``views`` [M, 2, N, *input_shape]: ``task_batching`` as set, or what

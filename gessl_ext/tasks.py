@@ -396,8 +396,7 @@ def _pull_back(pullback: Callable, cotangent):
 
 class AdaptedPoint:
     """The model at the adapted weights θᴷ: ``ssl_grad_pieces()`` = ∇ℓ(θᴷ) in the problem's pieces (for the target's
-    first step) and
-    ``outer_grad_and_value(outer)`` = (∂/∂θᴷ, value) of ``outer(z1, z2)`` on the embeddings at θᴷ.
+    first step) and ``outer_grad_and_value(outer)`` = (∂/∂θᴷ, value) of ``outer(z1, z2)`` on the embeddings at θᴷ.
     Here each is its own pass; :class:`EagerTaskProblem` shares one forward between them."""
 
     def __init__(self, problem: TaskProblem, theta: Tensor):

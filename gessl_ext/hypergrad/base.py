@@ -7,11 +7,11 @@ A method is called once per task as ``method(problem, trajectory, outer_grad) ->
   flat gradient, one task at a time) with ``pieces(x)`` (a flat vector's views in the same pieces, to zip with it)
   and ``point_from_flat(x)`` (the point of a fresh flat vector x, in the form the model runs fastest at: under vmap
   per-parameter copies, one task at a time x itself; ``grad_pieces``, ``pieces`` and ``update_`` take a point like a
-  flat θ, ``grad``, ``hvp`` and ``vjp`` do not), ``vjp(fn, θ, cotangent)``,
-  ``second_order()``, ``inner_lr`` (α), ``use_kernels``, and the inner update with its derivative products from
-  :class:`gessl_ext.inner.InnerSGD` (``update``, ``update_``, ``update_vjp``, ``proximal_matvec``, ``unroll``,
-  ``inner_loop_vjp``). Differentiate through ``grad`` only with these: one
-  task at a time they run on plain autograd, under ``vmap`` on ``torch.func``.
+  flat θ, ``grad``, ``hvp`` and ``vjp`` do not), ``vjp(fn, θ, cotangent)``, ``second_order()``, ``inner_lr`` (α),
+  ``use_kernels``, and the inner update with its derivative products from :class:`gessl_ext.inner.InnerSGD`
+  (``update``, ``update_``, ``stepped``, ``update_vjp``, ``proximal_matvec``, ``unroll``, ``inner_loop_vjp``).
+  Differentiate through ``grad`` only with these: one task at a time they run on plain autograd, under ``vmap`` on
+  ``torch.func``.
 * ``trajectory`` — [θ⁰ = θ, θ¹, …, θᴷ], the inner iterates (each [P]; K = len(trajectory) − 1). For a method
   that declares ``uses_adapted_weights = False`` the step frees θᴷ first and the last entry is :data:`FREED`.
 * ``outer_grad`` — v = ∂L_l/∂θᴷ [P], a fresh dense tensor the method owns: it may overwrite it in place.

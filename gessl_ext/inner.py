@@ -53,8 +53,8 @@ class InnerSGD:
     from them. A problem whose gradients come in pieces (one per parameter, without a flat copy) overrides
     :meth:`pieces`, :meth:`grad_pieces`, :meth:`point` and :meth:`point_from_flat`. ``recorded_graph`` is True on a
     problem whose :meth:`start` makes the inner loop record its autograd graph (one task at a time, for a strategy
-    that differentiates the loop); then :meth:`inner_loop_vjp` differentiates that graph instead of running the loop
-    again.
+    that differentiates the loop); then :meth:`inner_loop_vjp` differentiates that graph, from its output θᴷ (which
+    the step keeps for it), instead of running the loop again.
     """
 
     recorded_graph = False

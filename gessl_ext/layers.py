@@ -3,9 +3,10 @@
 Each function here is a substitute ``forward(module, *args)`` with the layer's own function, entered for the
 duration of a pass by :class:`gessl_ext.tasks.TaskModel` (docs/models.md lists what runs this way and why):
 
-* normalisation layers — BatchNorm / InstanceNorm from elementary ops (:func:`_plain_norm`) where the fused kernels'
-  double backward does not batch or InstanceNorm would update its statistics in every pass; every norm layer in
-  the parameters' dtype under autocast (:func:`norm_in_dtype`);
+* normalisation layers — BatchNorm / InstanceNorm as :func:`gessl_ext.batch_norm.normalize` where the fused kernels'
+  double backward does not batch (:func:`_reversible_norm`), from elementary ops where InstanceNorm would update its
+  statistics in every pass (:func:`_plain_norm`); every norm layer in the parameters' dtype under autocast
+  (:func:`norm_in_dtype`);
 * recurrent layers with a batched initial state and cuDNN off (:func:`recurrent_forward`);
 * RReLU, torchvision's StochasticDepth (draws vmap can batch) and Hardsigmoid (twice differentiable);
 * Linear / convolution / attention run in the autocast dtype themselves (:func:`layer_in_low_precision`).
@@ -19,6 +20,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from .batch_norm import normalize
 
 Tensor = torch.Tensor
 
@@ -53,21 +56,34 @@ def _plain_norm(norm: nn.modules.batchnorm._NormBase, x: Tensor) -> Tensor:
 
     Input statistics when :func:`_uses_input_stats`, else the running statistics, which it leaves alone: every
     pass runs with tracking off, and the task's first pass records the statistics to fold in
-    (:func:`recording_statistics`, :class:`gessl_ext.tasks.TaskModel`).
-
-    Used where torch's fused kernels cannot be: under vmap with reverse-over-reverse differentiation (``itd``;
-    their double backward has no batching rule) and for InstanceNorm with running statistics, whose fused
-    kernel updates them in every pass (and, under vmap, in place into unbatched buffers).
+    (:func:`recording_statistics`, :class:`gessl_ext.tasks.TaskModel`). Used for InstanceNorm with running
+    statistics, whose fused kernel updates them in every pass (and, under vmap, in place into unbatched buffers).
+    Computed as x·s + (b − μ·s), s = w / √(σ² + ε), as torch's CPU kernel does: its backward keeps x, not the centred
+    and the normalised input as well.
     """
     x, dims, unbatched = _norm_axes(norm, x)
     shape = [1, -1] + [1] * (x.dim() - 2)
     if _uses_input_stats(norm):
-        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+        var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
     else:
         mean, var = norm.running_mean.view(shape), norm.running_var.view(shape)
-    y = (x - mean) * torch.rsqrt(var + norm.eps)
+    scale = torch.rsqrt(var + norm.eps)
     if norm.affine:
-        y = y * norm.weight.view(shape) + norm.bias.view(shape)
+        scale = scale * norm.weight.view(shape)
+    shift = norm.bias.view(shape) - mean * scale if norm.affine else -mean * scale
+    y = x * scale + shift
+    return y.squeeze(0) if unbatched else y
+
+
+def _reversible_norm(norm: nn.modules.batchnorm._NormBase, x: Tensor) -> Tensor:
+    """A BatchNorm / InstanceNorm layer that normalises with input statistics, as
+    :func:`gessl_ext.batch_norm.normalize`: differentiable twice in reverse mode under vmap (``itd``), where torch's
+    fused double backward has no batching rule, keeping less for it than :func:`_plain_norm` would. Running
+    statistics are left alone, as in :func:`_plain_norm`."""
+    x, dims, unbatched = _norm_axes(norm, x)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    weight, bias = (norm.weight.view(shape), norm.bias.view(shape)) if norm.affine else (None, None)
+    y = normalize(x, weight, bias, norm.eps, dims)
     return y.squeeze(0) if unbatched else y
 
 
@@ -124,13 +140,16 @@ def recording_statistics(norms: dict[str, nn.modules.batchnorm._NormBase], recor
     return wrapped_forwards(list(norms.values()), wrap)
 
 
-def plain_norms(norms, vmapped_second_order: bool):
-    """Context: run norm layers with :func:`_plain_norm`: InstanceNorm layers with running statistics always;
-    with ``vmapped_second_order`` (vmap + reverse-over-reverse) also every BatchNorm / InstanceNorm layer that
-    normalises with input statistics."""
-    tracked_instance = [isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.running_mean is not None for m in norms]
-    return substituted([m for m, always in zip(norms, tracked_instance)
-                         if always or (vmapped_second_order and _uses_input_stats(m))], _plain_norm)
+@contextlib.contextmanager
+def substituted_norms(norms, reversed_twice: bool):
+    """Context: with ``reversed_twice`` (passes differentiated twice in reverse mode under vmap), every BatchNorm /
+    InstanceNorm layer that normalises with input statistics runs as :func:`_reversible_norm`; InstanceNorm layers
+    with running statistics otherwise run as :func:`_plain_norm`."""
+    reversible = [m for m in norms if reversed_twice and _uses_input_stats(m)]
+    plain = [m for m in norms if m not in reversible
+             and isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.running_mean is not None]
+    with substituted(reversible, _reversible_norm), substituted(plain, _plain_norm):
+        yield
 
 
 def recurrent_forward(rnn: nn.Module, input, hx=None):

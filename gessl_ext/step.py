@@ -300,7 +300,7 @@ class GeSSLStep(nn.Module):
         target = self_motivated_target(problem, adapted, self.target_steps)
         loss, outer_grad = outer_loss_and_grad(adapted, target, self.head)
         del adapted
-        if not self.hypergrad.uses_adapted_weights:
+        if not (self.hypergrad.uses_adapted_weights or problem.recorded_graph):
             trajectory[-1] = FREED   # θᴷ freed before the method's passes (Hypergradient.uses_adapted_weights)
         hypergrad = self.hypergrad(problem, trajectory, outer_grad)
         return hypergrad.detach(), (loss.detach(), ssl_loss.detach(), stats)

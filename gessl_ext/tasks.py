@@ -32,8 +32,8 @@ from torch.func import functional_call, jvp, vjp, vmap
 
 from .inner import InnerSGD
 from .layers import (LOWERED_LAYERS, NORM_LAYERS, layer_in_low_precision, layer_substitutes, network_under_autocast,
-                     norm_in_dtype, plain_norms, recording_statistics, recurrent_forward, running_stats_frozen,
-                     substituted, tracked_norms, update_running_stats, wrapped_forwards)
+                     norm_in_dtype, recording_statistics, recurrent_forward, running_stats_frozen,
+                     substituted, substituted_norms, tracked_norms, update_running_stats, wrapped_forwards)
 from .losses.momentum import MomentumObjective
 from .randomness import RandomStreams, fork_rng
 
@@ -179,20 +179,20 @@ class TaskModel:
         return {n: buffers[n] for n in self.stat_names}
 
     def call(self, theta: Tensor | dict[str, Tensor], x1: Tensor, x2: Tensor, what: str, consts,
-             plain_batchnorm=False, record: list | None = None):
+             reversed_twice=False, record: list | None = None):
         """Run the joint module at θ (flat [P], or its per-parameter pieces as :meth:`FlatParams.unflatten` gives them)
         on one task; running statistics are left alone. With a ``record`` list, the model's tracked norm layers append
         the statistics they would fold in (:func:`recording_statistics`), for :meth:`update_running_stats` to apply
         after the pass (outside any gradient transform, which refuses in-place writes to captured tensors).
 
-        ``plain_batchnorm`` (vmap + reverse-over-reverse) computes BatchNorm / InstanceNorm from elementary ops
-        (:func:`_plain_norm`). Recurrent layers run as :func:`recurrent_forward`; random draws replay the task's
+        ``reversed_twice`` (a pass differentiated twice in reverse mode under vmap) runs every BatchNorm /
+        InstanceNorm with input statistics as :func:`gessl_ext.batch_norm.normalize`. Recurrent layers run as :func:`recurrent_forward`; random draws replay the task's
         stream (:class:`RandomStreams`).
         """
         params = theta if isinstance(theta, dict) else self.spec.unflatten(theta)
         state, dtype = {**consts, **params}, next(iter(params.values())).dtype
         recording = recording_statistics(self.tracked_norms, record) if record is not None else contextlib.nullcontext()
-        with running_stats_frozen(self._tracked), self._substitutes(plain_batchnorm), self.streams.replay(x1.device), \
+        with running_stats_frozen(self._tracked), self._substitutes(reversed_twice), self.streams.replay(x1.device), \
                 self._mixed_precision(dtype), recording, _own_tensors_restored(self._reused):
             return functional_call(self.joint, state, (x1, x2), {"what": what}, strict=False)
 
@@ -242,13 +242,13 @@ class TaskModel:
         return [g is not None for g in grads]
 
     @contextlib.contextmanager
-    def _substitutes(self, vmapped_second_order: bool):
-        """Layers that run as a substitute in a pass: norm layers (:func:`plain_norms`), recurrent layers
+    def _substitutes(self, reversed_twice: bool):
+        """Layers that run as a substitute in a pass: norm layers (:func:`substituted_norms`), recurrent layers
         (:func:`recurrent_forward`), others (:func:`layer_substitutes`); and attention on its math
         kernel whenever an ``nn.MultiheadAttention`` applies dropout, so that every pass of a task draws the
         same attention masks (each fused kernel draws them its own way; passes differentiated twice need math)."""
         with contextlib.ExitStack() as stack:
-            stack.enter_context(plain_norms(self._batch_instance_norms, vmapped_second_order))
+            stack.enter_context(substituted_norms(self._batch_instance_norms, reversed_twice))
             stack.enter_context(substituted(self._recurrent, recurrent_forward))
             for layers, forward in self._layer_substitutes:
                 stack.enter_context(substituted(layers, forward))
@@ -271,18 +271,20 @@ class TaskProblem(InnerSGD):
     :class:`EagerTaskProblem` computes the same quantities with plain ``torch.autograd`` one task at a time.
 
     ``differentiates_inner_loop``: the strategy will take reverse-mode derivatives through the inner loop
-    (``Hypergradient.differentiates_inner_loop``). Under vmap BatchNorm then runs from elementary ops, since
-    torch's fused BatchNorm double backward has no batching rule. ``use_kernels``: fused custom ops allowed.
+    (``Hypergradient.differentiates_inner_loop``). Its passes then run BatchNorm / InstanceNorm with input statistics
+    as :func:`gessl_ext.batch_norm.normalize`, since torch's fused double backward has no batching rule; all but
+    :meth:`hvp`'s, which differentiate in forward mode, which that function has no rule for and torch's kernels
+    batch. ``use_kernels``: fused custom ops allowed.
     """
 
     def __init__(self, task_model: TaskModel, x1: Tensor, x2: Tensor, inner_lr: float, consts, *,
                  differentiates_inner_loop: bool = False, use_kernels: bool = False):
         self.task_model, self.x1, self.x2, self.inner_lr, self.consts = task_model, x1, x2, inner_lr, consts
         self.use_kernels = use_kernels
-        self.plain_batchnorm = differentiates_inner_loop
+        self.reversed_twice = differentiates_inner_loop
 
     def call(self, theta: Tensor | dict[str, Tensor], what: str, record: list | None = None):
-        return self.task_model.call(theta, self.x1, self.x2, what, self.consts, self.plain_batchnorm, record)
+        return self.task_model.call(theta, self.x1, self.x2, what, self.consts, self.reversed_twice, record)
 
     def loss(self, theta: Tensor | dict[str, Tensor]) -> Tensor:
         return self.call(theta, "loss")
@@ -316,8 +318,18 @@ class TaskProblem(InnerSGD):
         gradient itself is dropped: a flat gradient would concatenate both the gradient and its tangent inside the
         transform, two more per-task parameter copies at the peak of an ``hvp`` step (bench/memory_meter.py)."""
         spec = self.task_model.spec
-        with self.second_order():
+        with self.second_order(), self._norms_in_forward_mode():
             return self._unit_scaled(lambda u: spec.flatten(jvp(self.grad_pieces, (theta,), (u,))[1]), v)
+
+    @contextlib.contextmanager
+    def _norms_in_forward_mode(self):
+        """Context of passes differentiated in forward mode: norm layers on torch's kernels, which have a batched
+        forward-mode rule, even for a strategy that also reverses the inner loop twice (``reversed_twice``)."""
+        reversed_twice, self.reversed_twice = self.reversed_twice, False
+        try:
+            yield
+        finally:
+            self.reversed_twice = reversed_twice
 
     def _unit_scaled(self, linear: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
         """``linear(v)`` for a linear map; under autocast computed as ‖v‖ · linear(v / ‖v‖), the scaling in the

@@ -28,15 +28,22 @@ def test_flat_params_round_trip_as_views():
     assert flat[6] == -1.0
 
 
-def test_functional_and_eager_problems_give_the_same_derivatives():
+@pytest.mark.parametrize("differentiates_inner_loop", [False, True])
+def test_functional_and_eager_problems_give_the_same_derivatives(differentiates_inner_loop):
+    """With ``differentiates_inner_loop`` the functional problem's BatchNorm is gessl_ext.batch_norm.normalize, which
+    has no forward-mode rule: ``hvp`` must still work (on torch's kernels), and the loop's vjp must match."""
     model = bn_model()
     task_model = TaskModel(model, SIMCLR)
     x1, x2 = torch.randn(2, 6, 5, dtype=torch.float64)
     theta = task_model.flat_parameters()
     v = torch.randn_like(theta)
-    batched, eager = (cls(task_model, x1, x2, 0.05, task_model.constants()) for cls in (TaskProblem, EagerTaskProblem))
+    batched = TaskProblem(task_model, x1, x2, 0.05, task_model.constants(),
+                          differentiates_inner_loop=differentiates_inner_loop)
+    eager = EagerTaskProblem(task_model, x1, x2, 0.05, task_model.constants())
     assert torch.allclose(batched.grad(theta), eager.grad(theta), rtol=0, atol=1e-13)
     assert torch.allclose(batched.hvp(theta, v), eager.hvp(theta, v), rtol=0, atol=1e-11)
+    trajectory = [theta, batched.unroll(theta, 2)]
+    assert torch.allclose(batched.inner_loop_vjp(trajectory, v), eager.inner_loop_vjp(trajectory, v), rtol=0, atol=1e-11)
     for a, b in zip(batched.embed(theta), eager.embed(theta)):
         assert torch.allclose(a, b, rtol=0, atol=1e-14)
 

@@ -13,7 +13,8 @@ A method is called once per task as ``method(problem, trajectory, outer_grad) ->
   Differentiate through ``grad`` only with these: one task at a time they run on plain autograd, under ``vmap`` on
   ``torch.func``.
 * ``trajectory`` — [θ⁰ = θ, θ¹, …, θᴷ], the inner iterates (each [P]; K = len(trajectory) − 1). For a method
-  that declares ``uses_adapted_weights = False`` the step frees θᴷ first and the last entry is :data:`FREED`.
+  that declares ``uses_adapted_weights = False`` the step frees θᴷ first and the last entry is :data:`FREED`, unless
+  the problem recorded the loop's graph (``problem.recorded_graph``), whose output θᴷ is.
 * ``outer_grad`` — v = ∂L_l/∂θᴷ [P], a fresh dense tensor the method owns: it may overwrite it in place.
 
 Methods run under ``torch.func.vmap``: fixed iteration counts, no ``.item()``, no branching on tensor values.
@@ -39,7 +40,7 @@ class FreedAdaptedWeights:
 
     def __getattr__(self, name):
         raise RuntimeError("trajectory[-1] (θᴷ) was freed before this hypergradient method ran, because its class has "
-                           "uses_adapted_weights = False (perhaps inherited from FD, HVP or FirstOrder); a method "
+                           "uses_adapted_weights = False (perhaps inherited from FD, HVP, ITD or FirstOrder); a method "
                            "that reads θᴷ must set uses_adapted_weights = True")
 
     def __repr__(self):
@@ -67,13 +68,15 @@ class Hypergradient:
     #: The name it is registered under (set by :func:`register_hypergradient`).
     name: ClassVar[str] = ""
     #: True when the method takes reverse-mode derivatives through the inner loop itself (``itd``). The step then
-    #: records the loop's autograd graph one task at a time, and under vmap runs BatchNorm from elementary ops
-    #: (torch's fused BatchNorm double backward has no batching rule). Methods that only use ``grad`` and
-    #: ``hvp`` (forward-over-reverse) leave it False.
+    #: records the loop's autograd graph one task at a time, and under vmap runs BatchNorm / InstanceNorm with input
+    #: statistics as :func:`gessl_ext.batch_norm.normalize` (torch's fused double backward has no batching rule;
+    #: ``hvp`` keeps torch's kernels). Methods that only use ``grad`` and ``hvp`` (forward-over-reverse) leave it
+    #: False.
     differentiates_inner_loop: ClassVar[bool] = False
-    #: False when the method never reads θᴷ = ``trajectory[-1]`` (``fd`` and ``hvp`` use θ⁰ … θᴷ⁻¹ only): the step
-    #: then frees it before the method's passes, one per-task parameter copy less at their memory peak. A plain
-    #: class attribute (an annotated one would be a dataclass field, a setting); subclasses inherit it.
+    #: False when the method never reads θᴷ = ``trajectory[-1]`` (``fd`` and ``hvp`` use θ⁰ … θᴷ⁻¹ only; ``itd``
+    #: through ``inner_loop_vjp``, which keeps it when the loop's graph is recorded): the step then frees it before
+    #: the method's passes, one per-task parameter copy less at their memory peak. A plain class attribute (an
+    #: annotated one would be a dataclass field, a setting); subclasses inherit it.
     uses_adapted_weights: ClassVar[bool] = True
 
     def __post_init__(self):

@@ -7,7 +7,9 @@ activation-sized tensors per layer (bench/bench_memory.py). :func:`normalize` is
 backward is a second custom function with the analytic second derivative, so the outer derivative keeps only the
 layer's input x and the gradient reaching it — what any layer's double backward needs.
 
-Reverse mode only (no forward-mode rule): ``hvp`` and the other forward-over-reverse methods use torch's kernels.
+Reverse mode only, twice: a forward-mode product raises an error that says so (``hvp`` and the other
+forward-over-reverse methods use torch's kernels), and a third reverse derivative fails on the second one's in-place
+temporaries, where torch's own BatchNorm refuses one too.
 """
 from __future__ import annotations
 
@@ -35,6 +37,13 @@ def _mean(t: Tensor, dims) -> Tensor:
     return t.mean(dims, keepdim=True)
 
 
+def _no_forward_mode(ctx, *tangents):
+    raise RuntimeError("gessl_ext.batch_norm.normalize, which BatchNorm / InstanceNorm run as in the vmapped passes of "
+                       "a hypergradient method with differentiates_inner_loop = True, has no forward-mode rule; take "
+                       "Hessian-vector products with problem.hvp (it runs torch's kernels) instead of torch.func.jvp "
+                       "through problem.grad, problem.update or problem.unroll")
+
+
 class _Normalize(torch.autograd.Function):
     """y = x·s + (b − μs), s = w / √(σ² + ε): x is the only activation-sized tensor kept for the backward."""
 
@@ -55,6 +64,8 @@ class _Normalize(torch.autograd.Function):
         ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.dims, ctx.has_bias = dims, bias is not None
+
+    jvp = staticmethod(_no_forward_mode)
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_rstd):
@@ -94,9 +105,12 @@ class _NormalizeBackward(torch.autograd.Function):
         ctx.save_for_backward(grad_y, x, weight, mean, rstd)
         ctx.dims = dims
 
+    jvp = staticmethod(_no_forward_mode)
+
     @staticmethod
     def backward(ctx, h_x, h_weight, h_bias):
-        # Three activation-sized temporaries at a time (x̂, ∂/∂g, c) besides the inputs; each written in place.
+        # Four activation-sized temporaries at a time besides the inputs: x̂, ∂/∂g and c, written in place, and one
+        # product on its way into them.
         grad_y, x, weight, mean, rstd = ctx.saved_tensors
         dims = ctx.dims
         n = x.numel() // mean.numel()

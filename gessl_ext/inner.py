@@ -54,21 +54,22 @@ class InnerSGD:
     :meth:`pieces`, :meth:`grad_pieces`, :meth:`point` and :meth:`point_from_flat`. ``recorded_graph`` is True on a
     problem whose :meth:`start` makes the inner loop record its autograd graph (one task at a time, for a strategy
     that differentiates the loop); then :meth:`inner_loop_vjp` differentiates that graph, from its output θᴷ (which
-    the step keeps for it), instead of running the loop again.
+    the problem keeps), instead of running the loop again.
     """
 
     recorded_graph = False
 
-    def start(self, theta: Tensor) -> Tensor:
-        """θ⁰ as the inner loop should hold it: a fresh graph leaf when the loop is recorded."""
-        return theta.detach().requires_grad_() if self.recorded_graph else theta
-
     @contextlib.contextmanager
-    def recording(self):
-        """Context of the inner loop: gradients on (also under the caller's ``no_grad``), and attention on its
-        twice-differentiable kernel when the loop's graph is recorded."""
+    def recording(self, theta: Tensor):
+        """Context of the inner loop from θ: yields the trajectory [θ⁰] for the loop to append its iterates to, with
+        gradients on (also under the caller's ``no_grad``). When the loop's graph is recorded, θ⁰ is a fresh graph
+        leaf, attention runs on its twice-differentiable kernel, and the problem keeps the last iterate on exit for
+        :meth:`inner_loop_vjp` (the caller may then free its own reference: ``uses_adapted_weights``)."""
         with torch.enable_grad(), self.second_order() if self.recorded_graph else contextlib.nullcontext():
-            yield
+            trajectory = [theta.detach().requires_grad_() if self.recorded_graph else theta]
+            yield trajectory
+        if self.recorded_graph:
+            self._recorded_end = trajectory[-1]
 
     def pieces(self, flat: Tensor) -> tuple[Tensor, ...]:
         """Views of a flat [P] vector (θ, u, a gradient) in the pieces :meth:`grad_pieces` computes gradients in, or the
@@ -129,9 +130,10 @@ class InnerSGD:
         return theta
 
     def inner_loop_vjp(self, trajectory: list[Tensor], cotangent: Tensor) -> Tensor:
-        """cotangentᵀ dθᴷ/dθ⁰ [P] for trajectory [θ⁰, …, θᴷ]: reverse mode through the loop's recorded graph, or
-        through :meth:`unroll` run again (K more gradient passes) when the loop was not recorded."""
+        """cotangentᵀ dθᴷ/dθ⁰ [P] for trajectory [θ⁰, …, θᴷ] (θᴷ may be freed): reverse mode through the loop's
+        recorded graph (:meth:`recording`), or through :meth:`unroll` run again (K more gradient passes) when the loop
+        was not recorded."""
         with self.second_order():
             if self.recorded_graph:
-                return torch.autograd.grad(trajectory[-1], trajectory[0], cotangent)[0]
+                return torch.autograd.grad(self._recorded_end, trajectory[0], cotangent)[0]
             return self.vjp(lambda theta: self.unroll(theta, len(trajectory) - 1), trajectory[0], cotangent)

@@ -66,8 +66,7 @@ def inner_loop(problem: TaskProblem, theta: Tensor, steps: int, stats):
     The problem decides whether the iterates keep their autograd graph back to θ⁰ (``problem.recorded_graph``:
     one task at a time, for a strategy that differentiates the inner loop, which then need not run it again).
     """
-    with problem.recording():
-        trajectory = [problem.start(theta)]
+    with problem.recording(theta) as trajectory:
         grad, ssl_loss = problem.grad_and_loss(trajectory[0], stats)
         for k in range(steps):
             trajectory.append(problem.update(trajectory[-1], grad if k == 0 else None))
@@ -300,7 +299,7 @@ class GeSSLStep(nn.Module):
         target = self_motivated_target(problem, adapted, self.target_steps)
         loss, outer_grad = outer_loss_and_grad(adapted, target, self.head)
         del adapted
-        if not (self.hypergrad.uses_adapted_weights or problem.recorded_graph):
+        if not self.hypergrad.uses_adapted_weights:
             trajectory[-1] = FREED   # θᴷ freed before the method's passes (Hypergradient.uses_adapted_weights)
         hypergrad = self.hypergrad(problem, trajectory, outer_grad)
         return hypergrad.detach(), (loss.detach(), ssl_loss.detach(), stats)

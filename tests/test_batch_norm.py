@@ -79,3 +79,12 @@ def test_reverse_over_reverse_under_vmap_equals_torch_one_task_at_a_time(kind, s
         reference = hypergradient(torchs)(tuple(p[l] for p in params), x[l], target[l], tuple(c[l] for c in cotangent))
         for got, want in zip(batched, reference, strict=True):
             assert torch.allclose(got[l], want, rtol=0, atol=1e-12), (got[l] - want).abs().max()
+
+
+def test_forward_mode_is_refused_with_the_way_out():
+    torch.manual_seed(3)
+    x, weight, bias = inputs((3,), True)
+    with pytest.raises(RuntimeError, match="no forward-mode rule; take Hessian-vector products with problem.hvp"):
+        torch.func.jvp(lambda x: ours("batch", x, weight, bias), (x,), (torch.randn_like(x),))
+    with pytest.raises(RuntimeError, match="no forward-mode rule"):     # nor jvp of its gradient, as an HVP takes
+        torch.func.jvp(grad(lambda x: ours("batch", x, weight, bias).sin().sum()), (x,), (torch.randn_like(x),))

@@ -6,6 +6,7 @@ from torch import nn
 from torch.func import functional_call
 
 from gessl_ext import losses
+from gessl_ext.hypergrad import FREED
 from gessl_ext.inner import proximal_matvec, sgd_update, sgd_update_vjp
 from gessl_ext.tasks import EagerTaskProblem, TaskModel, TaskProblem
 
@@ -111,10 +112,10 @@ def test_inner_loop_vjp_recorded_or_rerun_equals_reverse_mode_through_the_unroll
     expected = torch.autograd.grad(end, leaf, cotangent)[0]
     assert eager.recorded_graph and not batched.recorded_graph
     for problem in (batched, eager):
-        with problem.recording():
-            trajectory = [problem.start(theta)]
+        with problem.recording(theta) as trajectory:
             for _ in range(steps):
                 trajectory.append(problem.update(trajectory[-1]))
+        trajectory[-1] = FREED     # as the step hands it to itd: the problem keeps what it recorded
         assert torch.allclose(problem.inner_loop_vjp(trajectory, cotangent), expected, rtol=0, atol=1e-11)
 
 
@@ -122,7 +123,7 @@ def test_the_eager_problem_records_the_loop_only_for_a_method_that_differentiate
     model, x1, x2 = task(3, batchnorm=False)
     _, (_, eager) = problems(model, x1, x2)
     theta = TaskModel(model, SIMCLR).flat_parameters()
-    with eager.recording():
-        start = eager.start(theta)
+    with eager.recording(theta) as trajectory:
+        start = trajectory[0]
         end = eager.update(start)
     assert not eager.recorded_graph and not start.requires_grad and end.grad_fn is None

@@ -13,8 +13,7 @@ A method is called once per task as ``method(problem, trajectory, outer_grad) ->
   Differentiate through ``grad`` only with these: one task at a time they run on plain autograd, under ``vmap`` on
   ``torch.func``.
 * ``trajectory`` — [θ⁰ = θ, θ¹, …, θᴷ], the inner iterates (each [P]; K = len(trajectory) − 1). For a method
-  that declares ``uses_adapted_weights = False`` the step frees θᴷ first and the last entry is :data:`FREED`, unless
-  the problem recorded the loop's graph (``problem.recorded_graph``), whose output θᴷ is.
+  that declares ``uses_adapted_weights = False`` the step frees θᴷ first and the last entry is :data:`FREED`.
 * ``outer_grad`` — v = ∂L_l/∂θᴷ [P], a fresh dense tensor the method owns: it may overwrite it in place.
 
 Methods run under ``torch.func.vmap``: fixed iteration counts, no ``.item()``, no branching on tensor values.
@@ -74,8 +73,8 @@ class Hypergradient:
     #: False.
     differentiates_inner_loop: ClassVar[bool] = False
     #: False when the method never reads θᴷ = ``trajectory[-1]`` (``fd`` and ``hvp`` use θ⁰ … θᴷ⁻¹ only; ``itd``
-    #: through ``inner_loop_vjp``, which keeps it when the loop's graph is recorded): the step then frees it before
-    #: the method's passes, one per-task parameter copy less at their memory peak. A plain class attribute (an
+    #: reaches it only through ``inner_loop_vjp``, from the recorded graph the problem keeps): the step then frees it
+    #: before the method's passes, one per-task parameter copy less at their memory peak. A plain class attribute (an
     #: annotated one would be a dataclass field, a setting); subclasses inherit it.
     uses_adapted_weights: ClassVar[bool] = True
 

@@ -13,7 +13,7 @@ class ITD(Hypergradient):
     at a time, by running the loop again under ``vjp`` when tasks are batched."""
 
     differentiates_inner_loop = True
-    uses_adapted_weights = False   # inner_loop_vjp reads θᴷ only from a recorded graph, which keeps it
+    uses_adapted_weights = False   # inner_loop_vjp reads θᴷ only from a recorded graph, which the problem keeps
 
     def __call__(self, problem, trajectory, outer_grad):
         return problem.inner_loop_vjp(trajectory, outer_grad)

@@ -71,7 +71,7 @@ def quadratic_results(method, inner_lr, inner_steps, expected_fn, dim: int = 6, 
     def one(matrix, offset, theta, outer_grad):
         problem = QuadraticProblem(matrix, offset, inner_lr)
         trajectory = sgd_trajectory(problem, theta, inner_steps)
-        if not (method.uses_adapted_weights or problem.recorded_graph):
+        if not method.uses_adapted_weights:
             trajectory[-1] = FREED           # as the step hands it over (Hypergradient.uses_adapted_weights)
         return method(problem, trajectory, outer_grad.clone())   # the method owns outer_grad (may overwrite it)
 

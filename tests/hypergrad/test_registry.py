@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gessl_ext import HYPERGRADIENTS, GeSSLStep, losses, register_hypergradient
-from gessl_ext.hypergrad import CG, FD, HVP, FirstOrder, Hypergradient, Neumann, resolve, setting, settings_table
+from gessl_ext.hypergrad import CG, FD, HVP, ITD, FirstOrder, Hypergradient, Neumann, resolve, setting, settings_table
 from hypergrad_test_utils import smooth_mlp, step_hypergradient
 
 SIMCLR = losses.SimCLR(temperature=0.5)
@@ -136,11 +136,13 @@ def test_register_names_what_a_custom_method_must_declare():
     assert float(PlainField()(None, None, torch.ones(1))) == 0.5   # unregistered, it still constructs
 
 
-def test_a_method_that_reads_freed_adapted_weights_is_told_why():
-    """A subclass of HVP inherits uses_adapted_weights = False, so the step frees θᴷ; reading it names the cause
-    (one task at a time: the placeholder's own message; under vmap: torch's error names the placeholder)."""
+@pytest.mark.parametrize("base", [HVP, ITD])
+def test_a_method_that_reads_freed_adapted_weights_is_told_why(base):
+    """A subclass of HVP or ITD inherits uses_adapted_weights = False, so the step frees θᴷ, with tasks batched or not
+    (one task at a time ITD's recorded graph keeps θᴷ inside the problem); reading it names the cause (one task at a
+    time: the placeholder's own message; under vmap: torch's error names the placeholder)."""
     @dataclasses.dataclass(frozen=True)
-    class AtAdaptedWeights(HVP):
+    class AtAdaptedWeights(base):
         def __call__(self, problem, trajectory, outer_grad):
             return problem.hvp(trajectory[-1], outer_grad)
 

@@ -29,6 +29,15 @@ def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
     return _Normalize.apply(x, weight, bias, eps, tuple(dims))[0]
 
 
+def affine_normalize(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """y = x·s + (b − μ·s), s = w·r: x normalised with given statistics (mean μ, r = 1 / √(σ² + ε), broadcastable
+    to x), as torch's CPU kernel computes it, so that a backward keeps x but neither the centred nor the normalised
+    input. Plain torch ops: any transform (:func:`gessl_ext.layers._plain_norm` runs it under forward mode too)."""
+    scale = _scale(weight, rstd)
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return (x * scale).add_(shift)
+
+
 def _scale(weight, rstd):
     return rstd if weight is None else weight * rstd
 
@@ -53,9 +62,7 @@ class _Normalize(torch.autograd.Function):
     def forward(x, weight, bias, eps, dims):
         var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
         rstd = torch.rsqrt(var + eps)
-        scale = _scale(weight, rstd)
-        shift = -mean * scale if bias is None else bias - mean * scale
-        return (x * scale).add_(shift), mean, rstd
+        return affine_normalize(x, mean, rstd, weight, bias), mean, rstd
 
     @staticmethod
     def setup_context(ctx, inputs, output):

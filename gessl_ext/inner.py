@@ -52,7 +52,7 @@ class InnerSGD:
     ``vjp(fn, θ, cotangent)`` and ``second_order()``; this class builds the loop and its derivative products
     from them. A problem whose gradients come in pieces (one per parameter, without a flat copy) overrides
     :meth:`pieces`, :meth:`grad_pieces`, :meth:`point` and :meth:`point_from_flat`. ``recorded_graph`` is True on a
-    problem whose :meth:`start` makes the inner loop record its autograd graph (one task at a time, for a strategy
+    problem whose :meth:`recording` makes the inner loop record its autograd graph (one task at a time, for a strategy
     that differentiates the loop); then :meth:`inner_loop_vjp` differentiates that graph, from its output θᴷ (which
     the problem keeps), instead of running the loop again.
     """

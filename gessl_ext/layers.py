@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .batch_norm import normalize
+from .batch_norm import affine_normalize, normalize
 
 Tensor = torch.Tensor
 
@@ -58,20 +58,14 @@ def _plain_norm(norm: nn.modules.batchnorm._NormBase, x: Tensor) -> Tensor:
     pass runs with tracking off, and the task's first pass records the statistics to fold in
     (:func:`recording_statistics`, :class:`gessl_ext.tasks.TaskModel`). Used for InstanceNorm with running
     statistics, whose fused kernel updates them in every pass (and, under vmap, in place into unbatched buffers).
-    Computed as x·s + (b − μ·s), s = w / √(σ² + ε), as torch's CPU kernel does: its backward keeps x, not the centred
-    and the normalised input as well.
+    Computed as :func:`gessl_ext.batch_norm.affine_normalize`.
     """
     x, dims, unbatched = _norm_axes(norm, x)
-    shape = [1, -1] + [1] * (x.dim() - 2)
     if _uses_input_stats(norm):
         var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
     else:
-        mean, var = norm.running_mean.view(shape), norm.running_var.view(shape)
-    scale = torch.rsqrt(var + norm.eps)
-    if norm.affine:
-        scale = scale * norm.weight.view(shape)
-    shift = norm.bias.view(shape) - mean * scale if norm.affine else -mean * scale
-    y = x * scale + shift
+        mean, var = (stat.view(_channel_shape(x)) for stat in (norm.running_mean, norm.running_var))
+    y = affine_normalize(x, mean, torch.rsqrt(var + norm.eps), *_affine_params(norm, x))
     return y.squeeze(0) if unbatched else y
 
 
@@ -81,10 +75,19 @@ def _reversible_norm(norm: nn.modules.batchnorm._NormBase, x: Tensor) -> Tensor:
     fused double backward has no batching rule, keeping less for it than :func:`_plain_norm` would. Running
     statistics are left alone, as in :func:`_plain_norm`."""
     x, dims, unbatched = _norm_axes(norm, x)
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    weight, bias = (norm.weight.view(shape), norm.bias.view(shape)) if norm.affine else (None, None)
-    y = normalize(x, weight, bias, norm.eps, dims)
+    y = normalize(x, *_affine_params(norm, x), norm.eps, dims)
     return y.squeeze(0) if unbatched else y
+
+
+def _channel_shape(x: Tensor) -> list[int]:
+    """[1, C, 1, …]: a per-channel vector's shape against x [B, C, *spatial]."""
+    return [1, -1] + [1] * (x.dim() - 2)
+
+
+def _affine_params(norm: nn.modules.batchnorm._NormBase, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """The layer's (weight, bias) shaped per channel against x [B, C, *spatial], or (None, None) without them."""
+    shape = _channel_shape(x)
+    return (norm.weight.view(shape), norm.bias.view(shape)) if norm.affine else (None, None)
 
 
 def _norm_axes(norm: nn.modules.batchnorm._NormBase, x: Tensor):

@@ -186,8 +186,8 @@ class TaskModel:
         after the pass (outside any gradient transform, which refuses in-place writes to captured tensors).
 
         ``reversed_twice`` (a pass differentiated twice in reverse mode under vmap) runs every BatchNorm /
-        InstanceNorm with input statistics as :func:`gessl_ext.batch_norm.normalize`. Recurrent layers run as :func:`recurrent_forward`; random draws replay the task's
-        stream (:class:`RandomStreams`).
+        InstanceNorm with input statistics as :func:`gessl_ext.batch_norm.normalize`. Recurrent layers run as
+        :func:`recurrent_forward`; random draws replay the task's stream (:class:`RandomStreams`).
         """
         params = theta if isinstance(theta, dict) else self.spec.unflatten(theta)
         state, dtype = {**consts, **params}, next(iter(params.values())).dtype
